@@ -1,0 +1,5 @@
+import sys
+
+from pairopt.cli import main
+
+sys.exit(main())
