@@ -47,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[command][0])
         return int(module.main(rest) or 0)
     except PairoptError as err:
-        message = textwrap.fill(str(err), width=100, break_long_words=False) if "\n" not in str(err) else str(err)
+        message = (
+            textwrap.fill(str(err), width=100, break_long_words=False)
+            if "\n" not in str(err)
+            else str(err)
+        )
         print(f"pairopt {command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -45,7 +45,9 @@ class ResponseLogps:
 
     def as_pairs(self) -> PairLogps:
         if self.logps.shape[1] != 2:
-            raise ValueError(f"as_pairs needs k = 2 responses per prompt, got {self.logps.shape[1]}")
+            raise ValueError(
+                f"as_pairs needs k = 2 responses per prompt, got {self.logps.shape[1]}"
+            )
         return PairLogps(self.logps[:, 0], self.logps[:, 1], self.tokens[:, 0], self.tokens[:, 1])
 
 

@@ -1,0 +1,128 @@
+"""`compute_logps`: the prefix-shared forward (or the classic unshared one) end to end.
+
+Naive equivalent, for each pair and each response y in (chosen, rejected):
+
+    logits = model(input_ids=[prompt + y]).logits[0]               # (P + n, V)
+    logp(y) = sum_j log_softmax(logits[P - 1 + j])[y_j]
+
+The engine computes the same numbers with the prompt processed once per pair (share_prefix),
+several pairs per row (packing), the LM head only at scored positions, in chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from pairopt.engine.attention import model_inputs, resolve_backend, set_implementation
+from pairopt.engine.compat import check_dropout, check_shareable, unsupported_reason
+from pairopt.engine.layout import Layout, build_layout
+from pairopt.engine.logps import make_head, token_logps
+from pairopt.pairs import PairLogps, PreferencePair, ResponseGroup, ResponseLogps
+
+
+def _pad_id(model: nn.Module) -> int:
+    config: Any = model.config
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(config, name, None)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, int) and value >= 0:
+            return value
+    return 0
+
+
+def forward_layout(
+    model: nn.Module, layout: Layout, *, backend: str = "auto", chunk_size: int = 1024
+) -> ResponseLogps:
+    """Run a prepared layout through the model; `backend` must be usable for the model."""
+    device = next(model.parameters()).device
+    layout = layout.to(device)
+    if unsupported_reason(model) is not None:
+        # The classic computation for models that cannot take our masks: one response per
+        # row, right-padded, the model's own causal mask from a 2D padding mask.
+        inputs: dict[str, Any] = {"attention_mask": (layout.doc_ids >= 0).long()}
+    else:
+        backend = resolve_backend(model, backend)
+        set_implementation(model, backend)
+        inputs = model_inputs(model, layout, backend)
+        inputs["position_ids"] = layout.position_ids
+    backbone = model.base_model
+    out = backbone(input_ids=layout.input_ids, use_cache=False, **inputs)
+    hidden_BLD = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    hidden_TD = hidden_BLD.reshape(-1, hidden_BLD.shape[-1])[layout.score_src]  # (T, D)
+    logps_T = token_logps(make_head(model), hidden_TD, layout.score_tgt, chunk_size)
+    R = layout.num_groups * layout.k
+    sums_R = logps_T.new_zeros(R).index_add(0, layout.score_owner, logps_T)
+    counts_R = torch.bincount(layout.score_owner, minlength=R)
+    return ResponseLogps(
+        sums_R.view(layout.num_groups, layout.k), counts_R.view(layout.num_groups, layout.k)
+    )
+
+
+def compute_response_logps(
+    model: nn.Module,
+    groups: Sequence[ResponseGroup],
+    *,
+    share_prefix: bool = True,
+    backend: str = "auto",
+    packing: bool = True,
+    max_tokens_per_row: int | None = None,
+    bucket_size: int = 64,
+    chunk_size: int = 1024,
+) -> ResponseLogps:
+    """Summed log-probs (G, k) and token counts (G, k) of every response of every group.
+
+    share_prefix: prompt once per group, responses in their own branches (else the classic
+        layout, one [prompt | response] per segment).
+    packing: several segments per row up to `max_tokens_per_row` (None: the longest segment).
+    backend: "auto", "sdpa", "eager", "flex" or "varlen" (see pairopt.engine.attention).
+    Models that cannot be masked (see pairopt.engine.compat) are refused unless both
+    share_prefix and packing are off. Dropout must be off in train mode
+    (pairopt.disable_dropout). The model's attention implementation is switched to the
+    backend's and left so.
+    """
+    if share_prefix or packing:
+        check_shareable(model)
+    check_dropout(model)
+    layout = build_layout(
+        groups,
+        share_prefix=share_prefix,
+        packing=packing,
+        max_tokens_per_row=max_tokens_per_row,
+        bucket_size=bucket_size,
+        pad_token_id=_pad_id(model),
+    )
+    return forward_layout(model, layout, backend=backend, chunk_size=chunk_size)
+
+
+def compute_logps(
+    model: nn.Module,
+    pairs: Sequence[PreferencePair],
+    *,
+    share_prefix: bool = True,
+    backend: str = "auto",
+    packing: bool = True,
+    max_tokens_per_row: int | None = None,
+    bucket_size: int = 64,
+    chunk_size: int = 1024,
+) -> PairLogps:
+    """Per-pair summed log-probs and token counts of chosen and rejected; differentiable.
+
+    Exactly the numbers of the classic unshared computation (see the module docstring), with
+    the prompt computed once per pair. Options as in `compute_response_logps`.
+    """
+    groups = [pair.as_group() for pair in pairs]
+    return compute_response_logps(
+        model,
+        groups,
+        share_prefix=share_prefix,
+        backend=backend,
+        packing=packing,
+        max_tokens_per_row=max_tokens_per_row,
+        bucket_size=bucket_size,
+        chunk_size=chunk_size,
+    ).as_pairs()

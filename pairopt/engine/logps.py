@@ -1,0 +1,69 @@
+"""Log-probs of scored tokens, with the LM head applied only there and in chunks.
+
+Naive equivalent (and what the tests compare against):
+
+    logits = lm_head(hidden_TD)                         # (T, V), all at once
+    logps_T = logits.log_softmax(-1).gather(-1, target_T[:, None]).squeeze(-1)
+
+Here the head runs on `chunk_size` rows at a time and each chunk is wrapped in a non-reentrant
+activation checkpoint: the forward keeps only the (T,) result, the backward recomputes one
+chunk's (chunk, V) logits at a time. Peak memory is therefore O(chunk * V) instead of O(T * V),
+and gradients are exact (the same ops run again; no approximation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+Head = Callable[[torch.Tensor], torch.Tensor]
+
+
+def make_head(model: nn.Module) -> Head:
+    """hidden (T, D) -> logits (T, V) exactly as the model's own forward computes them."""
+    lm_head = model.get_output_embeddings()  # type: ignore[operator]
+    config: Any = model.config
+    softcap = getattr(config, "final_logit_softcapping", None)  # Gemma2/3
+    divide = getattr(config, "logits_scaling", None)  # Granite
+    multiply = getattr(config, "logit_scale", None)  # Cohere
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        logits = lm_head(hidden)
+        if multiply is not None:
+            logits = logits * multiply
+        if divide is not None:
+            logits = logits / divide
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return head
+
+
+def _chunk_logps(head: Head, hidden_CD: torch.Tensor, target_C: torch.Tensor) -> torch.Tensor:
+    logits_CV = head(hidden_CD).float()  # log-softmax in fp32 whatever the model dtype
+    picked_C = logits_CV.gather(-1, target_C[:, None]).squeeze(-1)
+    return picked_C - logits_CV.logsumexp(-1)
+
+
+def token_logps(
+    head: Head, hidden_TD: torch.Tensor, target_T: torch.Tensor, chunk_size: int = 1024
+) -> torch.Tensor:
+    """(T,) fp32 log-probs of `target_T` under `head(hidden_TD)`; see the module docstring."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    parts = []
+    for start in range(0, hidden_TD.shape[0], chunk_size):
+        h_CD = hidden_TD[start : start + chunk_size]
+        t_C = target_T[start : start + chunk_size]
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_chunk_logps, head, h_CD, t_C, use_reentrant=False))
+        else:
+            parts.append(_chunk_logps(head, h_CD, t_C))
+    if not parts:
+        return hidden_TD.new_zeros(0, dtype=torch.float32)
+    return torch.cat(parts)
