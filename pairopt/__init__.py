@@ -30,7 +30,23 @@ _EXPORTS = {
     "get_loss_class": "pairopt.loss",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "LossOutput",
+    "PairLogps",
+    "PairLoss",
+    "PairoptError",
+    "PreferencePair",
+    "ResponseGroup",
+    "ResponseLogps",
+    "UnsupportedModelError",
+    "available_losses",
+    "build_loss",
+    "compute_logps",
+    "compute_response_logps",
+    "disable_dropout",
+    "get_loss_class",
+    "register_loss",
+]
 
 if TYPE_CHECKING:
     from pairopt.engine.compat import disable_dropout

@@ -85,10 +85,10 @@ class PairLogps:
 
     def __getitem__(self, index: torch.Tensor | slice | Sequence[int]) -> PairLogps:
         return PairLogps(
-            self.chosen_logps[index],  # type: ignore[index]
-            self.rejected_logps[index],  # type: ignore[index]
-            self.chosen_tokens[index],  # type: ignore[index]
-            self.rejected_tokens[index],  # type: ignore[index]
+            self.chosen_logps[index],
+            self.rejected_logps[index],
+            self.chosen_tokens[index],
+            self.rejected_tokens[index],
         )
 
     @staticmethod

@@ -189,7 +189,7 @@ def _kernel(
         gqa = "enable_gqa" in inspect.signature(varlen_attn).parameters
         if groups > 1 and not gqa:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        extra = {"enable_gqa": True} if gqa and groups > 1 else {}
+        extra: dict[str, Any] = {"enable_gqa": True} if gqa and groups > 1 else {}
         return varlen_attn(  # type: ignore[return-value]
             q,
             k,

@@ -50,7 +50,7 @@ def forward_layout(
         set_implementation(model, backend)
         inputs = model_inputs(model, layout, backend)
         inputs["position_ids"] = layout.position_ids
-    backbone = model.base_model
+    backbone: Any = model.base_model
     out = backbone(input_ids=layout.input_ids, use_cache=False, **inputs)
     hidden_BLD = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     hidden_TD = hidden_BLD.reshape(-1, hidden_BLD.shape[-1])[layout.score_src]  # (T, D)
