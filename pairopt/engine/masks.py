@@ -120,7 +120,7 @@ class VarlenPlan:
     tokens of the keys, so a causal kernel aligned bottom-right (flash-attn >= 2.1 with
     seqlen_q != seqlen_k) lets query i see keys up to (K - Q + i). Blocks: each document's
     prompt (queries = keys = prompt); each response (queries = the response, keys =
-    [prompt ; response]); each padding token alone. `q_index` is a permutation of all B * L
+    [prompt ; response]); the row's trailing padding (causal among itself). `q_index` is a permutation of all B * L
     positions, so the output scatters back without gaps. The positions of the gathered keys
     run contiguously (prompt then own branch), so a left window of w - 1 keys is the rule's
     position window.
@@ -155,14 +155,14 @@ def varlen_plan(layout: Layout) -> VarlenPlan:
         t = 0
         while t < L:
             base = b * L
-            if doc[b][t] == PAD_DOC:  # every padding token is its own one-token block
-                q_blocks.append([base + t])
-                k_blocks.append([base + t])
-                t += 1
-                continue
             d, start = doc[b][t], t
             while t < L and doc[b][t] == d:
                 t += 1
+            if d == PAD_DOC:  # trailing padding: one causal block, as the rule has it
+                pad = list(range(base + start, base + t))
+                q_blocks.append(pad)
+                k_blocks.append(pad)
+                continue
             prompt = [base + i for i in range(start, t) if branch[b][i] == 0]
             q_blocks.append(prompt)
             k_blocks.append(prompt)
