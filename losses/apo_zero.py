@@ -1,0 +1,52 @@
+"""`apo_zero`: Anchored Preference Optimisation, zero anchor (chosen up, rejected down)."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from pairopt.loss import LossConfig, LossOutput, PairLoss, register_loss, reward_metrics
+from pairopt.pairs import PairLogps
+
+
+@register_loss("apo_zero")
+class APOZero(PairLoss):
+    """APO-zero: raise the chosen likelihood and lower the rejected one, each against the reference.
+
+    Paper: D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive
+    Revisions", https://arxiv.org/abs/2408.06266 (Eq. 7)
+
+    Formula (per pair):
+
+        loss = (1 − σ(r_c)) + σ(r_r)
+        r    = β·(S − S^ref)
+
+    Symbols: S summed policy log-probs, S^ref the reference's, c chosen, r rejected; β temperature;
+    σ the logistic sigmoid. Use it when the chosen responses are better than what the model
+    produces now.
+
+    Shapes: policy and reference PairLogps fields (N,) → losses (N,).
+
+    Metrics: rewards = β·(S − S^ref), detached.
+
+    Defaults: β = 0.1 (TRL DPOConfig.beta).
+
+    Deviations: none from TRL's `apo_zero`.
+    """
+
+    summary = (
+        "Anchored PO, zero anchor: chosen likelihood up, rejected down (chosen beats the model)"
+    )
+    requires_reference = True
+
+    class Config(LossConfig):
+        beta: float = Field(0.1, gt=0, description="β: scales the implicit rewards")
+
+    config: Config
+
+    def compute(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
+        assert reference is not None
+        chosen_N = self.config.beta * (policy.chosen_logps - reference.chosen_logps)
+        rejected_N = self.config.beta * (policy.rejected_logps - reference.rejected_logps)
+        losses_N = (1 - torch.sigmoid(chosen_N)) + torch.sigmoid(rejected_N)
+        return LossOutput(losses_N, reward_metrics(policy, chosen_N, rejected_N))

@@ -1,0 +1,59 @@
+"""`hinge`: the hinge loss on the DPO log-ratio margin (SLiC / RSO)."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from pairopt.loss import (
+    LossConfig,
+    LossOutput,
+    PairLoss,
+    reference_rewards,
+    register_loss,
+    reward_metrics,
+)
+from pairopt.pairs import PairLogps
+
+
+@register_loss("hinge")
+class Hinge(PairLoss):
+    """Hinge loss on the reference-normalised margin, as in SLiC and RSO.
+
+    Paper: Liu et al. 2023, "Statistical Rejection Sampling Improves Preference Optimization"
+    (RSO), https://arxiv.org/abs/2309.06657 ; Zhao et al. 2023, SLiC-HF,
+    https://arxiv.org/abs/2305.10425
+
+    Formula (per pair):
+
+        loss = max(0, 1 − β·Δ)
+        Δ    = (S_c − S_c^ref) − (S_r − S_r^ref)
+
+    Symbols: S summed policy log-probs, S^ref the reference's, c chosen, r rejected; β scales the
+    margin (1/β is the margin, in nats, beyond which a pair stops contributing).
+
+    Shapes: policy and reference PairLogps fields (N,) → losses (N,).
+
+    Metrics: rewards = β·(S − S^ref), detached.
+
+    Defaults: β = 0.1 (TRL DPOConfig.beta, shared by its `hinge` loss type).
+
+    Deviations: none from TRL's `hinge`.
+    """
+
+    summary = "Hinge loss max(0, 1 − βΔ) on the DPO margin (SLiC, RSO)"
+    requires_reference = True
+
+    class Config(LossConfig):
+        beta: float = Field(0.1, gt=0, description="β: pairs with margin Δ > 1/β add no loss")
+
+    config: Config
+
+    def compute(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
+        assert reference is not None
+        margin_N = (policy.chosen_logps - reference.chosen_logps) - (
+            policy.rejected_logps - reference.rejected_logps
+        )
+        losses_N = torch.relu(1 - self.config.beta * margin_N)
+        rewards = reference_rewards(self.config.beta, policy, reference)
+        return LossOutput(losses_N, reward_metrics(policy, *rewards))

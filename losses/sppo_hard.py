@@ -1,0 +1,61 @@
+"""`sppo_hard`: Self-Play Preference Optimisation with hard (0/1) win probabilities."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from pairopt.loss import (
+    LossConfig,
+    LossOutput,
+    PairLoss,
+    reference_rewards,
+    register_loss,
+    reward_metrics,
+)
+from pairopt.pairs import PairLogps
+
+
+@register_loss("sppo_hard")
+class SPPOHard(PairLoss):
+    """SPPO with hard labels: regress each log-ratio onto ±1/(2β).
+
+    Paper: Wu et al. 2024, "Self-Play Preference Optimization for Language Model Alignment",
+    https://arxiv.org/abs/2405.00675 (Eq. 4.7 of Algorithm 1, with P = 1 for the winner and 0
+    for the loser)
+
+    Formula (per pair):
+
+        loss = (s_c − 1/(2β))² + (s_r + 1/(2β))²
+        s    = S − S^ref
+
+    Symbols: S summed policy log-probs, S^ref the reference's, c chosen, r rejected; β sets the
+    targets: the chosen log-ratio is pulled to +1/(2β) nats, the rejected to −1/(2β).
+
+    Shapes: policy and reference PairLogps fields (N,) → losses (N,).
+
+    Metrics: rewards = β·(S − S^ref), detached.
+
+    Defaults: β = 0.1 (TRL DPOConfig.beta): targets of ±5 nats.
+
+    Deviations: the paper estimates the win probability P with a preference model (PairRM); the
+    hard version, as in TRL, uses the pair's label instead. Summed (not averaged) log-ratios, as TRL.
+    """
+
+    summary = "SPPO, hard labels: squared loss pulling log-ratios to ±1/(2β)"
+    requires_reference = True
+
+    class Config(LossConfig):
+        beta: float = Field(
+            0.1, gt=0, description="β: chosen/rejected log-ratio targets are ±1/(2β)"
+        )
+
+    config: Config
+
+    def compute(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
+        assert reference is not None
+        target = 0.5 / self.config.beta
+        chosen_N = policy.chosen_logps - reference.chosen_logps
+        rejected_N = policy.rejected_logps - reference.rejected_logps
+        losses_N = (chosen_N - target) ** 2 + (rejected_N + target) ** 2
+        rewards = reference_rewards(self.config.beta, policy, reference)
+        return LossOutput(losses_N, reward_metrics(policy, *rewards))

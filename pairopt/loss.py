@@ -1,0 +1,417 @@
+"""The loss contract and the registry: a dict, a decorator, get / list / build.
+
+A loss plugin is a `PairLoss` subclass registered under a name. It turns the policy's (and, when
+it declares `requires_reference`, the reference's) per-pair log-probabilities into per-pair
+losses and a few detached scalar metrics. It never sees a model, a tokenizer or a mask, so every
+plugin gets the prefix-shared forward for free, and nothing outside a plugin branches on its name:
+the trainer reads the declared class attributes instead (DESIGN.md §4, STYLE.md §6).
+
+    @register_loss("my_loss")
+    class MyLoss(PairLoss):
+        summary = "one line for `pairopt losses`"
+        requires_reference = True
+        class Config(LossConfig):
+            beta: float = Field(0.1, gt=0, description="...")
+        config: Config
+        def compute(self, policy, reference):  # PairLogps (N,) each
+            ...
+            return LossOutput(losses_N, metrics)
+
+Plugins are found three ways, all ending in `register_loss`: the entry-point group
+`pairopt.losses` (the built-ins in `losses/` use it exactly like a third-party package does; it
+is read lazily, on the first registry lookup), a class registered in the user's own script, and
+`load_loss_module` (the CLI's `--loss-module`) for a module name or a `.py` path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import inspect
+import os
+import sys
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import pydantic
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from pairopt.errors import PairoptError
+from pairopt.pairs import PairLogps
+
+ENTRY_POINT_GROUP = "pairopt.losses"
+
+# The metric keys every loss reports (TRL's names, so existing dashboards keep working).
+STANDARD_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+class LossConfig(BaseModel):
+    """Base of every plugin's `Config`: frozen, unknown keys rejected (STYLE.md §5).
+
+    Every field needs a `description` (it is the CLI help and the docs) and bounds.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class LossOutput:
+    """What a loss returns.
+
+    `losses`: per-pair losses, shape (N,); the trainer optimises `losses.mean()`, so a loss that
+    couples the batch (kto_pair) still returns values whose mean is its batch loss.
+    `metrics`: detached scalar tensors (batch means) under STANDARD_METRICS plus loss-specific keys.
+    """
+
+    losses: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+class PairLoss(torch.nn.Module):
+    """Base class of every loss plugin; subclasses implement `compute`.
+
+    An `nn.Module` so that a loss with state (bco_pair's running reward mean) keeps it in buffers
+    that move with `.to(device)` and are saved with `state_dict()`; stateless losses pay nothing.
+
+    Class attributes a plugin declares (read by the trainer before anything is loaded):
+      name                set by `@register_loss`
+      summary             one line, shown by `pairopt losses`
+      requires_reference  whether `compute` needs the reference model's log-probs
+      Config              the pydantic model of its parameters (frozen, bounded, described)
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    # Not a ClassVar: a combination decides per instance (its terms), see losses/combined.py.
+    requires_reference: bool = False
+    Config: ClassVar[type[LossConfig]] = LossConfig
+
+    def __init__(self, config: LossConfig | None = None) -> None:
+        super().__init__()
+        if config is None:
+            config = self.Config()
+        elif not isinstance(config, self.Config):
+            raise TypeError(
+                f"{type(self).__name__} takes a {self.Config.__name__}, got {type(config).__name__}"
+            )
+        self.config: Any = config
+
+    def compute(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
+        """Per-pair losses (N,) and metrics. `reference` is None iff not `requires_reference`."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement compute(policy, reference)"
+        )
+
+    def forward(self, policy: PairLogps, reference: PairLogps | None = None) -> LossOutput:
+        """Check the inputs, cut the reference out of the graph, and call `compute`.
+
+        Half-precision log-probs are upcast to float32: sigmoids and squares of summed log-probs
+        lose too much in bf16 (sums reach -1e3 and bf16 keeps ~3 significant digits).
+        """
+        _check_logps(policy, "policy")
+        if self.requires_reference:
+            if reference is None:
+                raise PairoptError(
+                    f"loss {self.name or type(self).__name__!r} needs the reference model's log-probs, "
+                    "but none were given: configure a reference model (or precomputed reference log-probs)."
+                )
+            _check_logps(reference, "reference")
+            if len(reference) != len(policy):
+                raise ValueError(
+                    f"policy has {len(policy)} pairs but reference has {len(reference)}"
+                )
+            reference = _upcast(reference.detach())
+        else:
+            reference = None
+        out = self.compute(_upcast(policy), reference)
+        if out.losses.shape != (len(policy),):
+            raise RuntimeError(
+                f"loss {self.name!r} returned losses of shape {tuple(out.losses.shape)}; "
+                f"a loss must return one value per pair, shape ({len(policy)},)"
+            )
+        return out
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.config.model_dump().items())
+
+
+def _check_logps(logps: PairLogps, what: str) -> None:
+    shapes = {
+        tuple(t.shape)
+        for t in (
+            logps.chosen_logps,
+            logps.rejected_logps,
+            logps.chosen_tokens,
+            logps.rejected_tokens,
+        )
+    }
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        raise ValueError(f"{what} PairLogps fields must all have shape (N,), got {sorted(shapes)}")
+
+
+def _upcast(logps: PairLogps) -> PairLogps:
+    if logps.chosen_logps.dtype in (torch.float16, torch.bfloat16):
+        return PairLogps(
+            logps.chosen_logps.float(),
+            logps.rejected_logps.float(),
+            logps.chosen_tokens,
+            logps.rejected_tokens,
+        )
+    return logps
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers plugins share (kept here so every plugin reports the same metrics the same way)
+# ---------------------------------------------------------------------------------------------
+
+
+def average_logps(logps: PairLogps) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token averages A = S / n for chosen and rejected, each (N,); n clamped to >= 1."""
+    chosen_N = logps.chosen_logps / logps.chosen_tokens.clamp(min=1).to(logps.chosen_logps.dtype)
+    rejected_N = logps.rejected_logps / logps.rejected_tokens.clamp(min=1).to(
+        logps.rejected_logps.dtype
+    )
+    return chosen_N, rejected_N
+
+
+def reward_metrics(
+    policy: PairLogps, chosen_rewards_N: torch.Tensor, rejected_rewards_N: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The six standard metrics as detached batch means.
+
+    `logps/*` are the mean *summed* log-probs for every loss (reference-free losses included),
+    so charts of different losses are comparable.
+    """
+    chosen_N, rejected_N = chosen_rewards_N.detach(), rejected_rewards_N.detach()
+    return {
+        "rewards/chosen": chosen_N.mean(),
+        "rewards/rejected": rejected_N.mean(),
+        "rewards/accuracies": (chosen_N > rejected_N).to(chosen_N.dtype).mean(),
+        "rewards/margins": (chosen_N - rejected_N).mean(),
+        "logps/chosen": policy.chosen_logps.detach().mean(),
+        "logps/rejected": policy.rejected_logps.detach().mean(),
+    }
+
+
+def reference_rewards(
+    beta: float, policy: PairLogps, reference: PairLogps
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Implicit rewards β·(S − S_ref) of chosen and rejected, each (N,), detached (DPO's reward)."""
+    chosen_N = beta * (policy.chosen_logps - reference.chosen_logps)
+    rejected_N = beta * (policy.rejected_logps - reference.rejected_logps)
+    return chosen_N.detach(), rejected_N.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry
+# ---------------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[PairLoss]] = {}
+_entry_points_loaded = False
+
+L = TypeVar("L", bound=type[PairLoss])
+
+
+def _load_entry_points() -> None:
+    """Import every module named in the `pairopt.losses` entry-point group, once.
+
+    Called before the first lookup *and* before the first registration, so a user who registers
+    a name the built-ins already own gets the duplicate error at their own decorator.
+    """
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True  # set first: the plugins' own decorators come back here
+    seen: set[str] = set()
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry_point.value in seen:  # the same distribution found twice on sys.path
+            continue
+        seen.add(entry_point.value)
+        try:
+            entry_point.load()
+        except PairoptError:
+            raise
+        except Exception as err:
+            # One broken third-party plugin must not take every loss down; say so loudly.
+            warnings.warn(
+                f"could not load loss plugins from entry point {entry_point.name!r} = "
+                f"{entry_point.value!r} (group {ENTRY_POINT_GROUP!r}): {type(err).__name__}: {err}",
+                stacklevel=2,
+            )
+
+
+def _same_definition(a: type, b: type) -> bool:
+    """True when `b` is `a` defined again: a reload, or a script imported both as __main__ and by path."""
+    if a.__qualname__ != b.__qualname__:
+        return False
+    try:
+        file_a, file_b = inspect.getsourcefile(a), inspect.getsourcefile(b)
+    except TypeError:
+        return False
+    return file_a is not None and file_b is not None and os.path.samefile(file_a, file_b)
+
+
+def register_loss(name: str) -> Callable[[L], L]:
+    """Class decorator: register a `PairLoss` subclass under `name` (an error if the name is taken)."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(
+            f"a loss name must be a Python identifier (letters, digits, _), got {name!r}"
+        )
+
+    def decorator(cls: L) -> L:
+        if not (isinstance(cls, type) and issubclass(cls, PairLoss)):
+            raise TypeError(f"@register_loss({name!r}) decorates PairLoss subclasses, got {cls!r}")
+        if not (isinstance(cls.Config, type) and issubclass(cls.Config, BaseModel)):
+            raise TypeError(f"{cls.__name__}.Config must be a pydantic model (subclass LossConfig)")
+        _load_entry_points()
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing is not cls and not _same_definition(existing, cls):
+            raise PairoptError(
+                f"loss name {name!r} is already registered by {existing.__module__}.{existing.__qualname__}; "
+                f"{cls.__module__}.{cls.__qualname__} cannot take it too. Register it under another name."
+            )
+        cls.name = name
+        if not cls.summary:
+            cls.summary = inspect.cleandoc(cls.__doc__ or "").partition("\n")[0]
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def available_losses() -> list[str]:
+    """Names of every registered loss, sorted."""
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def get_loss_class(name: str) -> type[PairLoss]:
+    """The registered class: read `requires_reference`, `Config`, `summary` without building."""
+    _load_entry_points()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise PairoptError(
+            f"unknown loss {name!r}. Registered losses: {', '.join(sorted(_REGISTRY))}. "
+            "A loss defined in your own module is found with --loss-module MODULE_OR_FILE.py "
+            "(or by importing that module before building the loss)."
+        ) from None
+
+
+def build_loss(name: str, /, **params: Any) -> PairLoss:
+    """Validate `params` with the plugin's `Config` and build the loss.
+
+    Bad parameters raise `PairoptError` naming the field, the value given, and what is allowed.
+    """
+    cls = get_loss_class(name)
+    return cls(validate_params(cls, params))
+
+
+def validate_params(cls: type[PairLoss], params: dict[str, Any]) -> LossConfig:
+    """`cls.Config(**params)`, with pydantic's errors turned into one readable `PairoptError`."""
+    try:
+        return cls.Config(**params)
+    except pydantic.ValidationError as err:
+        problems = [_describe_error(cls, error) for error in err.errors()]
+        raise PairoptError(
+            f"invalid parameters for loss {cls.name!r}: " + "; ".join(problems)
+        ) from None
+
+
+def _describe_error(cls: type[PairLoss], error: Any) -> str:
+    loc = ".".join(str(part) for part in error["loc"]) or "(config)"
+    fields = cls.Config.model_fields
+    if error["type"] == "extra_forbidden":
+        valid = ", ".join(fields) or "none"
+        return f"unknown parameter {loc!r} (parameters of {cls.name!r}: {valid})"
+    if error["type"] == "missing":
+        return f"missing required parameter {loc!r}"
+    top = fields.get(str(error["loc"][0])) if error["loc"] else None
+    hint = (
+        f" ({loc}: {top.description})"
+        if top is not None and top.description and len(error["loc"]) == 1
+        else ""
+    )
+    return f"{loc}={error.get('input')!r} is invalid: {error['msg']}{hint}"
+
+
+# ---------------------------------------------------------------------------------------------
+# --loss-module
+# ---------------------------------------------------------------------------------------------
+
+
+def load_loss_module(spec: str) -> list[str]:
+    """Import a module (dotted name, or a path to a `.py` file) that registers losses.
+
+    Returns the names it registered. Anything that stops the import becomes a `PairoptError`
+    naming the module and where it failed, so the CLI reports it in one paragraph.
+    """
+    _load_entry_points()
+    before = set(_REGISTRY)
+    is_path = (
+        spec.endswith(".py") or os.sep in spec or (os.altsep is not None and os.altsep in spec)
+    )
+    try:
+        if is_path:
+            _import_path(Path(spec))
+        else:
+            # A console script does not put the working directory on sys.path; `python -m` does.
+            # `--loss-module my_losses` should find ./my_losses.py either way.
+            added = os.getcwd() not in sys.path
+            if added:
+                sys.path.insert(0, os.getcwd())
+            try:
+                importlib.import_module(spec)
+            finally:
+                if added:
+                    sys.path.remove(os.getcwd())
+    except PairoptError:
+        raise
+    except ModuleNotFoundError as err:
+        raise PairoptError(
+            f"cannot import loss module {spec!r}: {err}. Give an importable module name "
+            "(on PYTHONPATH or in the working directory) or a path to a .py file."
+        ) from err
+    except Exception as err:
+        raise PairoptError(f"loss module {spec!r} failed to import: {_where(err)}") from err
+    return sorted(set(_REGISTRY) - before)
+
+
+def _import_path(path: Path) -> None:
+    if not path.is_file():
+        raise PairoptError(f"loss module file {str(path)!r} does not exist (or is not a file).")
+    resolved = path.resolve()
+    for module in list(sys.modules.values()):  # already imported (e.g. the running script itself)
+        file = getattr(module, "__file__", None)
+        if file and Path(file).resolve() == resolved and module.__name__ != "__main__":
+            return
+    module_name = f"pairopt_loss_module_{resolved.stem}_{abs(hash(str(resolved))):x}"
+    spec = importlib.util.spec_from_file_location(module_name, resolved)
+    if spec is None or spec.loader is None:
+        raise PairoptError(f"cannot import {str(path)!r} as a Python module.")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+
+
+def _where(err: BaseException) -> str:
+    frames = traceback.extract_tb(err.__traceback__)
+    location = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(err).__name__}: {err}{location}"
