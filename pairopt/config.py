@@ -1,0 +1,822 @@
+"""The training configuration: pydantic sections, YAML files and command-line overrides.
+
+`TrainConfig` is composed of one section per concern (model, data, loss, engine, reference,
+optim, eval, logging, checkpoint, output). Every field is frozen, bounded and described; the
+descriptions are the `pairopt train --help` text and docs/configuration.md (written once).
+
+Where a value comes from, lowest to highest precedence:
+
+    field defaults  <  the run's saved config.yaml (with --resume RUN)  <  --config f.yaml  <  flags
+
+Flags: shortcuts (`--loss dpo`, `--model ID`, `--dataset ID`, `--output-dir D`, `--max-steps N`,
+`--resume [DIR]`, `--loss-module M`, `--config F`) and a dotted override for every field
+(`--optim.lr 5e-4`, `--engine.share_prefix false`, `--model.lora.r 8`). Loss parameters live
+flat in the loss section, beside its name (`loss: {name: dpo, beta: 0.2}` in YAML,
+`--loss.beta 0.2` on the command line) and are validated by the plugin's own `Config`.
+
+Everything is checked here, before a model or dataset is loaded; a bad value becomes one
+`PairoptError` that names the field, the value, where it came from and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pairopt.data import DataConfig
+from pairopt.errors import PairoptError
+
+_SECTION = ConfigDict(extra="forbid", frozen=True)
+
+# The trackers accelerate can log to (accelerate.utils.LoggerType).
+Tracker = Literal[
+    "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "trackio"
+]
+TRACKERS: tuple[str, ...] = typing.get_args(Tracker)
+
+
+class LoraConfig(BaseModel):
+    """A PEFT LoRA adapter on the policy (needs the `lora` extra: pip install 'pairopt[lora]')."""
+
+    model_config = _SECTION
+
+    r: int = Field(default=16, gt=0, le=4096, description="LoRA rank.")
+    alpha: float = Field(
+        default=32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r)."
+    )
+    target_modules: list[str] | None = Field(
+        default=None,
+        description="Module names to adapt, e.g. [q_proj, v_proj]; null = every linear layer "
+        "except the LM head (PEFT's 'all-linear').",
+    )
+    # No lora_dropout field on purpose: dropout must be off for the shared forward to be exact.
+
+
+class ModelConfig(BaseModel):
+    """The policy model."""
+
+    model_config = _SECTION
+
+    name_or_path: str = Field(
+        default="builtin:tiny-llama",
+        min_length=1,
+        description="Hub ID, local directory, or builtin:NAME (a model shipped with pairopt). "
+        "A directory with a config but no weights is built from the config under the run seed.",
+    )
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        default="float32",
+        description="dtype the weights are loaded in (mixed precision is optim.precision).",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] | None = Field(
+        default=None,
+        description="transformers attention implementation; null = what engine.backend needs "
+        "(sdpa for auto/sdpa/varlen, eager for eager, flex_attention for flex).",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute activations in the backward pass (less memory, ~30% slower).",
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Allow model code from the hub repository."
+    )
+    lora: LoraConfig | None = Field(
+        default=None,
+        description="Train a LoRA adapter instead of the full model (null = full fine-tuning).",
+    )
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value.startswith("builtin:"):
+            from pairopt.data import resolve_builtin
+
+            try:
+                resolve_builtin(value)
+            except PairoptError as err:
+                raise ValueError(str(err)) from None
+        elif _looks_like_path(value) and not Path(value).expanduser().exists():
+            raise ValueError(
+                f"no such directory {value!r} (give a hub ID, a local directory or builtin:NAME)"
+            )
+        return value
+
+
+class LossSection(BaseModel):
+    """The loss: a registered name and its parameters (validated by the plugin's Config)."""
+
+    model_config = _SECTION
+
+    name: str = Field(
+        description="Registered loss name (see `pairopt losses`), e.g. dpo, ipo, orpo, simpo, kto_pair."
+    )
+    module: str | None = Field(
+        default=None,
+        description="Module name or .py file imported first, so the losses it registers can be "
+        "named (--loss-module).",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The loss's parameters; written flat beside `name` (loss.beta, not "
+        "loss.params.beta). Defaults filled in from the plugin.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_params(cls, data: Any) -> Any:
+        """`{name, module, beta, ...}` -> `{name, module, params: {beta, ...}}`."""
+        if not isinstance(data, dict):
+            return data
+        own = {key: data[key] for key in ("name", "module") if key in data}
+        params = dict(data.get("params") or {})
+        params.update(
+            {key: value for key, value in data.items() if key not in ("name", "module", "params")}
+        )
+        return {**own, "params": params}
+
+    @model_validator(mode="after")
+    def _validate_params(self) -> LossSection:
+        from pairopt.loss import get_loss_class, load_loss_module, validate_params
+
+        try:
+            if self.module:
+                load_loss_module(self.module)
+            loss_cls = get_loss_class(self.name)
+            validated = validate_params(loss_cls, self.params)
+        except PairoptError as err:
+            raise ValueError(str(err)) from None
+        # The resolved config shows every parameter, defaults included.
+        object.__setattr__(self, "params", validated.model_dump(mode="json"))
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """The YAML form: name, module and the parameters side by side."""
+        out: dict[str, Any] = {"name": self.name}
+        if self.module:
+            out["module"] = self.module
+        return {**out, **self.params}
+
+
+class EngineConfig(BaseModel):
+    """How log-probs are computed (pairopt.compute_logps)."""
+
+    model_config = _SECTION
+
+    share_prefix: bool = Field(
+        default=True,
+        description="Compute each prompt once for both responses (prefix-shared forward); false = "
+        "the classic unshared forward (same numbers, more work).",
+    )
+    packing: bool = Field(
+        default=True, description="Pack several pairs into one row (no padding between them)."
+    )
+    backend: Literal["auto", "sdpa", "eager", "flex", "varlen"] = Field(
+        default="auto",
+        description="How the mask reaches attention; auto picks the fastest that fits the device.",
+    )
+    max_tokens_per_row: int | None = Field(
+        default=None,
+        gt=0,
+        description="Token budget of one packed row; null = the engine's default.",
+    )
+    bucket_size: int = Field(
+        default=64, gt=0, description="Rows are padded to a multiple of this many tokens."
+    )
+    chunk_size: int = Field(
+        default=1024,
+        gt=0,
+        description="Scored positions per LM-head chunk (bounds the logits' memory).",
+    )
+
+    def kwargs(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class ReferenceConfig(BaseModel):
+    """The reference model (only for losses that declare requires_reference)."""
+
+    model_config = _SECTION
+
+    strategy: Literal["auto", "copy", "precompute", "adapter"] = Field(
+        default="auto",
+        description="copy: a frozen copy run live under no_grad; precompute: one pass before "
+        "training, cached on disk; adapter: the LoRA policy with its adapter disabled; "
+        "auto: adapter with LoRA, else copy.",
+    )
+    name_or_path: str | None = Field(
+        default=None,
+        description="A different reference model; null = the policy's initial weights.",
+    )
+    cache_dir: str | None = Field(
+        default=None,
+        description="Where precomputed reference log-probs are cached; null = $PAIROPT_CACHE/reference "
+        "or ~/.cache/pairopt/reference.",
+    )
+
+
+class OptimConfig(BaseModel):
+    """Optimiser, schedule, batching, length of training, precision and seed."""
+
+    model_config = _SECTION
+
+    optimizer: Literal["adamw", "sgd"] = Field(
+        default="adamw", description="torch.optim.AdamW or SGD."
+    )
+    lr: float = Field(default=5e-6, gt=0, le=1.0, description="Peak learning rate.")
+    weight_decay: float = Field(
+        default=0.0, ge=0, description="Decoupled weight decay (not on biases and norms)."
+    )
+    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(default=1e-8, gt=0, description="AdamW epsilon.")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        default="linear",
+        description="Learning-rate decay after warm-up (to 0 for linear and cosine).",
+    )
+    warmup_steps: int = Field(
+        default=0, ge=0, description="Linear warm-up steps (wins over warmup_ratio)."
+    )
+    warmup_ratio: float = Field(
+        default=0.0, ge=0, lt=1, description="Warm-up as a fraction of the total steps."
+    )
+    batch_size: int | None = Field(
+        default=8,
+        gt=0,
+        description="Pairs per micro-batch per process (a cap when batch_tokens is set).",
+    )
+    batch_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="Token budget per micro-batch per process (prompt + chosen + rejected); null = "
+        "batch by pairs only.",
+    )
+    grad_accum: int = Field(
+        default=1, gt=0, description="Micro-batches accumulated per optimiser step."
+    )
+    epochs: int = Field(
+        default=1,
+        gt=0,
+        description="Passes over the training split (ignored when max_steps is set).",
+    )
+    max_steps: int | None = Field(
+        default=None, gt=0, description="Optimiser steps to run; null = epochs."
+    )
+    max_grad_norm: float | None = Field(
+        default=1.0, gt=0, description="Gradient clipping norm; null = no clipping."
+    )
+    precision: Literal["no", "bf16", "fp16"] = Field(
+        default="no",
+        description="accelerate mixed precision (autocast); 'no' = the weights' dtype.",
+    )
+    seed: int = Field(
+        default=42, ge=0, description="Seeds weights built from a config, data split and order."
+    )
+
+    @model_validator(mode="after")
+    def _some_batch_size(self) -> OptimConfig:
+        if self.batch_size is None and self.batch_tokens is None:
+            raise ValueError("set optim.batch_size (pairs) or optim.batch_tokens (tokens), or both")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must both lie in [0, 1), got {list(self.betas)}")
+        return self
+
+
+class EvalConfig(BaseModel):
+    """Periodic evaluation on the eval split."""
+
+    model_config = _SECTION
+
+    every: int = Field(
+        default=0, ge=0, description="Evaluate every this many steps; 0 = only at the end."
+    )
+    batch_size: int = Field(default=32, gt=0, description="Pairs per evaluation forward.")
+    at_end: bool = Field(
+        default=True, description="Evaluate after the last step (the held-out accuracy printed)."
+    )
+
+
+class LoggingConfig(BaseModel):
+    """Console, metrics.jsonl and accelerate trackers."""
+
+    model_config = _SECTION
+
+    every: int = Field(default=10, gt=0, description="Log training metrics every this many steps.")
+    report_to: list[Tracker] = Field(
+        default_factory=list,
+        description=f"accelerate trackers to log to, any of {', '.join(TRACKERS)} (tensorboard "
+        "writes under <output>/trackers).",
+    )
+    progress_bar: bool = Field(
+        default=True, description="Show a progress bar with loss, reward accuracy and tokens/s."
+    )
+
+
+class CheckpointConfig(BaseModel):
+    """accelerate.save_state checkpoints and resuming."""
+
+    model_config = _SECTION
+
+    every: int = Field(
+        default=0, ge=0, description="Save a checkpoint every this many steps; 0 = never."
+    )
+    keep_last: int | None = Field(
+        default=2, gt=0, description="Keep only the newest this many checkpoints; null = keep all."
+    )
+    resume: str | None = Field(
+        default=None,
+        description="Resume from a checkpoint directory, a run directory (its newest checkpoint), "
+        "or 'latest' (the newest in output.dir). --resume with no value = latest.",
+    )
+
+
+class OutputConfig(BaseModel):
+    """Where the run writes: config.yaml, metrics.jsonl, checkpoints/, the final model."""
+
+    model_config = _SECTION
+
+    dir: str | None = Field(
+        default=None, description="Output directory; null = ./pairopt-output/<run_name>."
+    )
+    run_name: str | None = Field(
+        default=None, description="Run name; null = <loss>-<model>-<date>-<time>.", min_length=1
+    )
+    save_final: bool = Field(
+        default=True,
+        description="save_pretrained the trained model and the tokenizer into the output directory.",
+    )
+    merge_lora: bool = Field(
+        default=True,
+        description="With LoRA, save the merged full model (loads without peft); the adapter is "
+        "saved under adapter/ as well.",
+    )
+
+
+class TrainConfig(BaseModel):
+    """Everything `pairopt train` needs."""
+
+    model_config = _SECTION
+
+    model: ModelConfig = Field(default=ModelConfig(), description=ModelConfig.__doc__)
+    data: DataConfig = Field(
+        default=DataConfig.model_validate({}), description="The preference dataset."
+    )
+    loss: LossSection = Field(description=LossSection.__doc__)
+    engine: EngineConfig = Field(default=EngineConfig(), description=EngineConfig.__doc__)
+    reference: ReferenceConfig = Field(
+        default=ReferenceConfig(), description=ReferenceConfig.__doc__
+    )
+    optim: OptimConfig = Field(default=OptimConfig(), description=OptimConfig.__doc__)
+    eval: EvalConfig = Field(default=EvalConfig(), description=EvalConfig.__doc__)
+    logging: LoggingConfig = Field(default=LoggingConfig(), description=LoggingConfig.__doc__)
+    checkpoint: CheckpointConfig = Field(
+        default=CheckpointConfig(), description=CheckpointConfig.__doc__
+    )
+    output: OutputConfig = Field(default=OutputConfig(), description=OutputConfig.__doc__)
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> TrainConfig:
+        if self.reference.strategy == "adapter" and self.model.lora is None:
+            raise ValueError(
+                "reference.strategy 'adapter' needs a LoRA policy (set model.lora, e.g. --model.lora.r 16), "
+                "or use copy / precompute"
+            )
+        if self.reference.strategy == "adapter" and self.reference.name_or_path is not None:
+            raise ValueError(
+                "reference.name_or_path cannot be used with reference.strategy 'adapter'"
+            )
+        if self.model.lora is not None:
+            import importlib.util
+
+            if importlib.util.find_spec("peft") is None:
+                raise ValueError("model.lora needs the peft package: pip install 'pairopt[lora]'")
+        for tracker in self.logging.report_to:
+            if not _tracker_available(tracker):
+                raise ValueError(
+                    f"logging.report_to names {tracker!r}, but its package is not installed "
+                    f"(pip install {tracker.replace('_', '-')}), or drop it from logging.report_to"
+                )
+        return self
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """The resolved config as saved in config.yaml (loss parameters flat)."""
+        out = self.model_dump(mode="json")
+        out["loss"] = self.loss.flat()
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_yaml_dict(), sort_keys=False)
+
+
+def _tracker_available(name: str) -> bool:
+    import importlib.util
+
+    module = {"comet_ml": "comet_ml", "tensorboard": "tensorboard"}.get(name, name)
+    if name == "tensorboard":
+        return (
+            importlib.util.find_spec("tensorboard") is not None
+            or importlib.util.find_spec("tensorboardX") is not None
+        )
+    return importlib.util.find_spec(module) is not None
+
+
+def _looks_like_path(value: str) -> bool:
+    """Hub IDs are `org/name`; these can only be meant as local paths."""
+    return value.startswith(("/", "./", "../", "~", "."))
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+SHORTCUTS = {
+    "--loss": "loss.name",
+    "--model": "model.name_or_path",
+    "--dataset": "data.dataset",
+    "--output-dir": "output.dir",
+    "--max-steps": "optim.max_steps",
+    "--loss-module": "loss.module",
+    "--resume": "checkpoint.resume",
+}
+
+
+def parse_train_args(argv: list[str]) -> TrainConfig:
+    """argv (without the command) -> a validated TrainConfig. Raises PairoptError on bad input."""
+    flags = _split_flags(argv)
+    config_file = None
+    overrides: list[tuple[str, str | None, str]] = []  # (dotted key, raw value, the flag as typed)
+    for flag, raw in flags:
+        if flag == "--config":
+            if raw is None:
+                raise PairoptError("--config needs a YAML file: --config f.yaml")
+            config_file = raw
+            continue
+        key = SHORTCUTS.get(flag) or flag[2:]
+        overrides.append((key, raw, flag))
+
+    data: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    resume_flags = [raw or "latest" for key, raw, _ in overrides if key == "checkpoint.resume"]
+    resume = resume_flags[-1] if resume_flags else None
+    if resume is not None:
+        run_dir = _resume_run_dir(resume)
+        if run_dir is not None and (run_dir / "config.yaml").is_file():
+            saved = _read_yaml(run_dir / "config.yaml")
+            saved.setdefault("checkpoint", {})["resume"] = None
+            saved.setdefault("output", {})["dir"] = str(run_dir)
+            _merge(data, saved, sources, str(run_dir / "config.yaml"))
+    if config_file is not None:
+        _merge(data, _read_yaml(Path(config_file)), sources, config_file)
+
+    # Overrides are coerced by the type of the field they set; loss parameters by the plugin's
+    # Config, so the loss name (and --loss-module) must be known first.
+    for key, raw, flag in overrides:
+        if key in ("loss.name", "loss.module"):
+            _set(data, key, raw if raw is not None else "", sources, flag)
+    if resume is not None:
+        _set(data, "checkpoint.resume", resume, sources, "--resume")
+    loss_fields = _loss_fields(data.get("loss", {}))
+    for key, raw, flag in overrides:
+        if key in ("loss.name", "loss.module", "checkpoint.resume"):
+            continue
+        annotation = _annotation(key, loss_fields)
+        if annotation is _UNKNOWN:
+            raise PairoptError(_unknown_flag(flag, loss_fields))
+        _set(data, key, _coerce(raw, annotation, flag), sources, flag)
+
+    if "loss" not in data or "name" not in data["loss"]:
+        from pairopt.loss import available_losses
+
+        raise PairoptError(
+            f"no loss chosen: pass --loss NAME (or loss.name in a --config file). Available: "
+            f"{', '.join(available_losses())}."
+        )
+    return validate_config(data, sources)
+
+
+def validate_config(data: dict[str, Any], sources: dict[str, str] | None = None) -> TrainConfig:
+    """dict -> TrainConfig, with pydantic's errors as one PairoptError naming field, value, source."""
+    try:
+        return TrainConfig.model_validate(data)
+    except pydantic.ValidationError as err:
+        raise PairoptError(_describe(err, sources or {})) from None
+
+
+def load_config_file(path: str | Path, **overrides: Any) -> TrainConfig:
+    """A YAML file (plus keyword overrides per section, e.g. optim={"lr": 1e-5}) -> TrainConfig."""
+    data = _read_yaml(Path(path))
+    for section, values in overrides.items():
+        data.setdefault(section, {}).update(values)
+    return validate_config(data, dict.fromkeys(_flat_keys(data), str(path)))
+
+
+def _split_flags(argv: list[str]) -> list[tuple[str, str | None]]:
+    """`--key value`, `--key=value` and a bare `--key` (true for booleans, latest for --resume)."""
+    out: list[tuple[str, str | None]] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--") or token == "--":
+            raise PairoptError(
+                f"unexpected argument {token!r}: options are --key value (see pairopt train --help)"
+            )
+        if "=" in token:
+            flag, raw = token.split("=", 1)
+            out.append((flag, raw))
+            i += 1
+        elif i + 1 < len(argv) and not (argv[i + 1].startswith("--") and len(argv[i + 1]) > 2):
+            out.append((token, argv[i + 1]))
+            i += 2
+        else:
+            out.append((token, None))
+            i += 1
+    return out
+
+
+def _resume_run_dir(resume: str) -> Path | None:
+    """The run directory a --resume value points into (None for 'latest': output.dir decides)."""
+    if resume == "latest":
+        return None
+    path = Path(resume).expanduser()
+    if not path.exists():
+        raise PairoptError(
+            f"--resume {resume}: no such directory (give a run or checkpoint directory, or 'latest')"
+        )
+    if (path / "config.yaml").is_file():
+        return path
+    if path.parent.name == "checkpoints":
+        return path.parent.parent
+    return None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise PairoptError(f"config file {str(path)!r} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise PairoptError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise PairoptError(
+            f"config file {str(path)!r} must hold a mapping of sections (model:, loss:, optim:, ...), "
+            f"got a {type(loaded).__name__}"
+        )
+    return loaded
+
+
+def _merge(data: dict[str, Any], new: dict[str, Any], sources: dict[str, str], source: str) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            _merge(data[key], value, sources, source)
+        else:
+            data[key] = value
+    for key in _flat_keys(new):
+        sources[key] = source
+
+
+def _flat_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        keys.append(dotted)
+        if isinstance(value, dict):
+            keys += _flat_keys(value, dotted + ".")
+    return keys
+
+
+def _set(data: dict[str, Any], key: str, value: Any, sources: dict[str, str], flag: str) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+    sources[key] = flag
+
+
+_UNKNOWN = object()
+
+
+def _loss_fields(loss: Any) -> dict[str, Any]:
+    """The loss plugin's parameter annotations, if the name (and module) resolve; else {}."""
+    if not isinstance(loss, dict) or not isinstance(loss.get("name"), str):
+        return {}
+    from pairopt.loss import get_loss_class, load_loss_module
+
+    if loss.get("module"):
+        load_loss_module(str(loss["module"]))
+    try:
+        cls = get_loss_class(loss["name"])
+    except PairoptError:
+        return {}
+    return {name: field.annotation for name, field in cls.Config.model_fields.items()}
+
+
+def _annotation(key: str, loss_fields: dict[str, Any]) -> Any:
+    """The type annotation of a dotted field, or _UNKNOWN."""
+    parts = key.split(".")
+    if parts[0] == "loss" and len(parts) == 2 and parts[1] in loss_fields:
+        return loss_fields[parts[1]]
+    model: Any = TrainConfig
+    annotation: Any = _UNKNOWN
+    for i, part in enumerate(parts):
+        if (
+            model is None
+            or part not in model.model_fields
+            or (model is LossSection and part == "params")
+        ):
+            return _UNKNOWN
+        annotation = model.model_fields[part].annotation
+        model = _model_in(annotation)
+        if i < len(parts) - 1 and model is None:
+            return _UNKNOWN
+    return annotation
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    candidates = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
+def _wants_string(annotation: Any) -> bool:
+    if annotation in (str, Path):
+        return True
+    if typing.get_origin(annotation) is Literal:
+        return all(isinstance(arg, str) for arg in typing.get_args(annotation))
+    if _is_union(annotation):
+        return any(
+            _wants_string(arg) for arg in typing.get_args(annotation) if arg is not type(None)
+        )
+    return False
+
+
+def _coerce(raw: str | None, annotation: Any, flag: str) -> Any:
+    """A command-line string -> the value for a field of this type."""
+    if raw is None:
+        if annotation is bool or (_is_union(annotation) and bool in typing.get_args(annotation)):
+            return True
+        raise PairoptError(f"{flag} needs a value ({flag} VALUE)")
+    if raw.lower() in ("null", "none", "~") and (
+        _is_union(annotation) and type(None) in typing.get_args(annotation)
+    ):
+        return None
+    if _wants_string(annotation):
+        return raw
+    origin = typing.get_origin(annotation)
+    wants_list = origin in (list, tuple) or (
+        _is_union(annotation)
+        and any(typing.get_origin(a) in (list, tuple) for a in typing.get_args(annotation))
+    )
+    if wants_list and not raw.lstrip().startswith("["):
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _all_keys(loss_fields: dict[str, Any]) -> list[str]:
+    keys = [f"loss.{name}" for name in loss_fields] + ["loss.name", "loss.module"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            if model is LossSection:
+                continue
+            sub = _model_in(field.annotation)
+            if sub is None:
+                keys.append(prefix + name)
+            else:
+                walk(sub, f"{prefix}{name}.")
+
+    walk(TrainConfig, "")
+    return keys
+
+
+def _unknown_flag(flag: str, loss_fields: dict[str, Any]) -> str:
+    candidates = [f"--{key}" for key in _all_keys(loss_fields)] + [*SHORTCUTS, "--config"]
+    close = difflib.get_close_matches(flag, candidates, n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    return f"unknown option {flag}.{hint} See pairopt train --help for every option."
+
+
+def _describe(err: pydantic.ValidationError, sources: dict[str, str]) -> str:
+    problems = []
+    for error in err.errors():
+        loc = [str(part) for part in error["loc"]]
+        # A plugin's or a cross-section rule's message is already complete.
+        msg = str(error["msg"]).removeprefix("Value error, ")
+        key = ".".join(loc)
+        source = _source_of(key, sources)
+        where = f" (from {source})" if source else ""
+        if error["type"] == "extra_forbidden":
+            section = ".".join(loc[:-1])
+            model = _section_model(loc[:-1])
+            valid = ", ".join(model.model_fields) if model is not None else ""
+            close = difflib.get_close_matches(
+                loc[-1], list(model.model_fields) if model else [], n=2
+            )
+            hint = f" Did you mean {' or '.join(f'{section}.{c}' for c in close)}?" if close else ""
+            problems.append(
+                f"unknown key {key!r}{where}; {section or 'the top level'} takes: {valid}.{hint}"
+            )
+        elif error["type"] == "missing":
+            problems.append(f"{key} is required{where}")
+        elif error["type"] == "value_error" and len(loc) <= 1:
+            problems.append(f"{msg}{where}" if not key else f"{key}: {msg}{where}")
+        else:
+            description = _description(loc)
+            hint = f" ({key}: {description})" if description else ""
+            problems.append(f"{key} = {error.get('input')!r}{where} is invalid: {msg}.{hint}")
+    return "invalid configuration: " + " ".join(problems)
+
+
+def _source_of(key: str, sources: dict[str, str]) -> str | None:
+    while key:
+        if key in sources:
+            return sources[key]
+        key = key.rpartition(".")[0]
+    return None
+
+
+def _section_model(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = TrainConfig
+    for part in loc:
+        if model is None or part not in model.model_fields:
+            return None
+        model = _model_in(model.model_fields[part].annotation)
+    return model
+
+
+def _description(loc: list[str]) -> str | None:
+    if not loc:
+        return None
+    model = _section_model(loc[:-1])
+    if model is None or loc[-1] not in model.model_fields:
+        return None
+    return model.model_fields[loc[-1]].description
+
+
+def help_text() -> str:
+    """`pairopt train --help`: every option, generated from the field descriptions."""
+    lines = [
+        "usage: pairopt train --loss NAME [--config f.yaml] [--model ID_OR_PATH] [--dataset ID_OR_PATH]",
+        "                     [--output-dir DIR] [--max-steps N] [--resume [DIR]] [--loss-module M]",
+        "                     [--SECTION.FIELD VALUE ...]",
+        "",
+        "Train a causal LM on preference pairs. Values come from the defaults, then --config, then flags.",
+        "Loss parameters are --loss.PARAM VALUE (see `pairopt losses` for each loss's parameters).",
+        "",
+        "shortcuts:",
+        "  --config FILE        YAML file with any of the sections below",
+    ]
+    lines += [f"  {flag:<20} = --{key}" for flag, key in SHORTCUTS.items()]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            if model is LossSection and name == "params":
+                continue
+            sub = _model_in(field.annotation)
+            if sub is not None and model is not TrainConfig:
+                walk(sub, f"{prefix}{name}.")
+                continue
+            if sub is not None:
+                lines.extend(["", f"{name}: {field.description or sub.__doc__ or ''}".rstrip()])
+                walk(sub, f"{prefix}{name}.")
+                continue
+            default = (
+                "(required)"
+                if field.is_required()
+                else repr(field.get_default(call_default_factory=True))
+            )
+            lines.append(f"  --{prefix}{name} [{_type_name(field.annotation)}, default {default}]")
+            lines.append(f"      {field.description or ''}")
+
+    walk(TrainConfig, "")
+    return "\n".join(lines)
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return "|".join(str(arg) for arg in typing.get_args(annotation))
+    if _is_union(annotation):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
