@@ -64,7 +64,7 @@ class Combined(PairLoss):
     Deviations: none; TRL also sums weighted batch means of per-sequence losses.
     """
 
-    summary = "Weighted sum of registered losses, each normalised on its own (e.g. DPO + SFT)"
+    summary = "Weighted sum of losses, each normalised on its own (DPO + SFT); reference iff a term needs one"
     requires_reference = True  # per instance: True iff some term needs it (set in __init__)
 
     class Config(LossConfig):

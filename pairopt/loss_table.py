@@ -1,0 +1,251 @@
+"""`pairopt losses`: list the registered losses, their needs and parameters; render docs/losses.md.
+
+Everything shown is read from the registry (each plugin's `summary`, `requires_reference`,
+`Config` fields and docstring), so the CLI help and the docs cannot drift from the code. A test
+checks that docs/losses.md equals `render_markdown()`; regenerate it with
+
+    python -m pairopt.loss_table --markdown > docs/losses.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import re
+import sys
+import textwrap
+from dataclasses import dataclass
+from typing import Any
+
+import annotated_types
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+from pairopt.loss import (
+    PairLoss,
+    available_losses,
+    get_loss_class,
+    load_loss_module,
+)
+
+BUILTIN_PACKAGE = "losses"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One row of a loss's parameter table."""
+
+    name: str
+    type: str
+    default: str
+    allowed: str
+    description: str
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type) and not getattr(annotation, "__args__", None):
+        return annotation.__name__
+    # "list[losses.combined.Term]" -> "list[Term]"; "typing.Any" -> "Any"
+    return re.sub(r"\b(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_])", "", str(annotation))
+
+
+def _bounds(field: FieldInfo) -> str:
+    parts = []
+    for item in field.metadata:
+        if isinstance(item, annotated_types.Gt):
+            parts.append(f"> {item.gt}")
+        elif isinstance(item, annotated_types.Ge):
+            parts.append(f">= {item.ge}")
+        elif isinstance(item, annotated_types.Lt):
+            parts.append(f"< {item.lt}")
+        elif isinstance(item, annotated_types.Le):
+            parts.append(f"<= {item.le}")
+        elif isinstance(item, annotated_types.MinLen):
+            parts.append(f"at least {item.min_length} item{'s' if item.min_length != 1 else ''}")
+        elif isinstance(item, annotated_types.MaxLen):
+            parts.append(f"at most {item.max_length} items")
+    return ", ".join(parts) or "any"
+
+
+def _default(field: FieldInfo) -> str:
+    if field.default is not PydanticUndefined:
+        return repr(field.default)
+    if field.default_factory is not None:
+        return repr(field.default_factory())  # type: ignore[call-arg]
+    return "required"
+
+
+def params_of(cls: type[PairLoss]) -> list[Param]:
+    """The parameters of a loss, from its pydantic Config."""
+    return [
+        Param(
+            name,
+            _type_name(field.annotation),
+            _default(field),
+            _bounds(field),
+            field.description or "",
+        )
+        for name, field in cls.Config.model_fields.items()
+    ]
+
+
+def _reference(cls: type[PairLoss]) -> str:
+    return "yes" if cls.requires_reference else "no"
+
+
+# ---------------------------------------------------------------------------------------------
+# Text (the CLI)
+# ---------------------------------------------------------------------------------------------
+
+
+def render_text(names: list[str], *, detail: bool = False) -> str:
+    """One block per loss: name, reference need, summary, and its parameters.
+
+    With `detail`, each block also carries the loss's full docstring (formula, defaults, sources).
+    """
+    blocks = []
+    for name in names:
+        cls = get_loss_class(name)
+        lines = [f"{name}  (reference model: {_reference(cls)})", f"    {cls.summary}"]
+        if detail and cls.__doc__:
+            lines += ["", textwrap.indent(inspect.cleandoc(cls.__doc__), "    "), ""]
+        params = params_of(cls)
+        if not params:
+            lines.append("    parameters: none")
+        for p in params:
+            head = f"    {p.name}: {p.type} = {p.default}  ({p.allowed})"
+            lines.append(head)
+            lines += textwrap.wrap(
+                p.description, width=96, initial_indent="        ", subsequent_indent="        "
+            )
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown (docs/losses.md)
+# ---------------------------------------------------------------------------------------------
+
+_INTRO = """\
+# Losses
+
+<!-- Generated from the loss registry by `python -m pairopt.loss_table --markdown > docs/losses.md`.
+     Do not edit by hand: tests/test_loss_table.py checks this file against the code. -->
+
+Every loss below is a plugin in `losses/` (one file each), registered under its name and loaded
+through the `pairopt.losses` entry-point group exactly like a third-party plugin. A loss receives
+per-pair summed log-probabilities and token counts (`pairopt.PairLogps`, tensors of shape (N,))
+of the policy and, when it needs one, of the reference model; it returns per-pair losses (N,)
+and detached scalar metrics. The trainer optimises the mean of the per-pair losses.
+
+Build one with `pairopt.build_loss(name, **params)` (parameters are checked against the table
+under each loss), list them with `pairopt losses`, and add your own with `@pairopt.register_loss`
+(see `examples/custom_loss.py`; `--loss-module` loads a module or `.py` file that registers one).
+
+Metrics every loss reports (TRL's names): `rewards/chosen`, `rewards/rejected`,
+`rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected` (mean summed log-probs).
+Rewards are β·(S − S^ref) for losses with a reference model, and β times the log-prob the loss
+compares for reference-free ones (see each loss). Notation: S summed log-probs of a response,
+n its token count, A = S/n, c chosen, r rejected, σ the logistic sigmoid.
+"""
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(names: list[str] | None = None) -> str:
+    """docs/losses.md: a summary table, then each loss's docstring and parameter table.
+
+    By default only the built-in losses (those defined in the `losses` package), so that the docs
+    do not depend on which third-party plugins happen to be installed.
+    """
+    if names is None:
+        names = [
+            n
+            for n in available_losses()
+            if get_loss_class(n).__module__.partition(".")[0] == BUILTIN_PACKAGE
+        ]
+    out = [_INTRO, "| loss | reference model | summary |", "|---|---|---|"]
+    out += [
+        f"| [`{n}`](#{n}) | {_reference(get_loss_class(n))} | {_md_cell(get_loss_class(n).summary)} |"
+        for n in names
+    ]
+    for name in names:
+        cls = get_loss_class(name)
+        source = cls.__module__.replace(".", "/") + ".py"
+        out += [
+            "",
+            f"## {name}",
+            "",
+            f"Reference model: **{_reference(cls)}**. Source: `{source}`.",
+            "",
+            inspect.cleandoc(cls.__doc__ or cls.summary),
+            "",
+        ]
+        params = params_of(cls)
+        if params:
+            out += [
+                "| parameter | type | default | allowed | description |",
+                "|---|---|---|---|---|",
+            ]
+            out += [
+                f"| `{p.name}` | `{_md_cell(p.type)}` | `{_md_cell(p.default)}` | {_md_cell(p.allowed)} "
+                f"| {_md_cell(p.description)} |"
+                for p in params
+            ]
+        else:
+            out.append("No parameters.")
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pairopt losses",
+        description="List the registered losses: summary, whether a reference model is needed, "
+        "and parameters with defaults and allowed values. Name losses to see their full documentation.",
+    )
+    parser.add_argument(
+        "names", nargs="*", metavar="NAME", help="show these losses in full (default: all, briefly)"
+    )
+    parser.add_argument(
+        "--loss-module",
+        action="append",
+        default=[],
+        metavar="MODULE_OR_FILE",
+        help="import a module (dotted name or path to a .py file) that registers losses; repeatable",
+    )
+    parser.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the markdown of docs/losses.md (built-in losses) instead",
+    )
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    for module in args.loss_module:
+        load_loss_module(module)
+    if args.markdown:
+        print(render_markdown(args.names or None), end="")
+        return 0
+    if args.names:
+        for name in args.names:
+            get_loss_class(name)  # unknown names fail here, listing the valid ones
+        print(render_text(args.names, detail=True))
+        return 0
+    names = available_losses()
+    print(
+        f"{len(names)} registered losses. `pairopt losses NAME` shows a loss's formula, defaults and "
+        "their sources.\nSet parameters with `pairopt train --loss NAME --loss.PARAM VALUE` "
+        "(or beside loss.name in YAML).\n"
+    )
+    print(render_text(names))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
