@@ -51,7 +51,8 @@ class Combined(PairLoss):
     Shapes: policy (and, if any term needs it, reference) PairLogps fields (N,) → losses (N,).
 
     Example: build_loss("combined", terms=[{"name": "dpo", "params": {"beta": 0.1}},
-    {"name": "sft", "weight": 0.2}])
+    {"name": "sft", "weight": 0.2}]); in a config file:
+    `loss: {name: combined, terms: [{name: dpo}, {name: sft, weight: 0.2}]}`.
 
     Reference: needed iff some term needs it. The class attribute says True (the safe answer
     before the terms are known); a built instance's `requires_reference` is exact.

@@ -304,6 +304,13 @@ def get_loss_class(name: str) -> type[PairLoss]:
     try:
         return _REGISTRY[name]
     except KeyError:
+        if not _REGISTRY:
+            raise PairoptError(
+                f"unknown loss {name!r}: no losses are registered at all. The built-in losses are "
+                f"found through the {ENTRY_POINT_GROUP!r} entry points of the installed pairopt "
+                "distribution: install it (pip install -e . in a checkout) rather than only putting "
+                "it on PYTHONPATH."
+            ) from None
         raise PairoptError(
             f"unknown loss {name!r}. Registered losses: {', '.join(sorted(_REGISTRY))}. "
             "A loss defined in your own module is found with --loss-module MODULE_OR_FILE.py "

@@ -273,3 +273,13 @@ def test_example_custom_loss_trains():
     history = module.train(steps=5)
     assert len(history) == 5 and all(torch.isfinite(torch.tensor(history)))
     assert history[-1] < history[0]
+
+
+def test_an_empty_registry_says_how_to_get_the_builtins(registry, monkeypatch):
+    """Without the installed distribution there are no entry points, hence no built-ins."""
+    registry.clear()
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
+    monkeypatch.setattr(loss_registry, "_entry_points_loaded", False)
+    assert pairopt.available_losses() == []
+    with pytest.raises(PairoptError, match=r"no losses are registered at all.*pip install -e \."):
+        pairopt.build_loss("dpo")
