@@ -24,17 +24,6 @@ from pairopt.engine.logps import make_head, token_logps
 from pairopt.pairs import PairLogps, PreferencePair, ResponseGroup, ResponseLogps
 
 
-def _pad_id(model: nn.Module) -> int:
-    config: Any = model.config
-    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        value = getattr(config, name, None)
-        if isinstance(value, list):
-            value = value[0] if value else None
-        if isinstance(value, int) and value >= 0:
-            return value
-    return 0
-
-
 def forward_layout(
     model: nn.Module, layout: Layout, *, backend: str = "auto", chunk_size: int = 1024
 ) -> ResponseLogps:
@@ -94,7 +83,6 @@ def compute_response_logps(
         packing=packing,
         max_tokens_per_row=max_tokens_per_row,
         bucket_size=bucket_size,
-        pad_token_id=_pad_id(model),
     )
     return forward_layout(model, layout, backend=backend, chunk_size=chunk_size)
 

@@ -8,8 +8,8 @@ with branch ids 0 / 1 and positions 0..P+ni-1, i.e. exactly the tokens the plain
 
 Segments are packed into rows up to a token budget (first-fit-decreasing), or one per row.
 Rows are right-padded to a common length rounded up to `bucket_size`. Padding is document -1,
-branch 0, position 0: under the mask rule it attends only to padding (never NaN) and no real
-token attends to it.
+branch 0, positions 0, 1, ... like a document of its own: under the mask rule it attends only
+to padding (never NaN) and no real token attends to it.
 
 Scoring is by predecessor index: response token j is scored from the hidden state of the
 token before it *in its own branch*, i.e. the last prompt token for j = 0 (both responses are
@@ -191,7 +191,6 @@ def build_layout(
     packing: bool = True,
     max_tokens_per_row: int | None = None,
     bucket_size: int = 64,
-    pad_token_id: int = 0,
 ) -> Layout:
     """Lay groups out in rows. `max_tokens_per_row=None` packs up to the longest segment."""
     k = check_groups(groups)
@@ -213,7 +212,7 @@ def build_layout(
     L = round_up(max(used), bucket_size)
     B = len(rows)
 
-    input_ids = torch.full((B, L), pad_token_id, dtype=torch.long)
+    input_ids = torch.zeros((B, L), dtype=torch.long)  # padding ids are never scored
     position_ids = torch.zeros((B, L), dtype=torch.long)
     doc_ids = torch.full((B, L), PAD_DOC, dtype=torch.long)
     branch_ids = torch.zeros((B, L), dtype=torch.long)
@@ -234,6 +233,7 @@ def build_layout(
             tgt += seg.score_tgt
             owner += seg.score_owner
             offset += n
+        position_ids[b, offset:] = torch.arange(L - offset)  # padding counts 0, 1, ... too
     return Layout(
         input_ids=input_ids,
         position_ids=position_ids,

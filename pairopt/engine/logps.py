@@ -45,7 +45,9 @@ def make_head(model: nn.Module) -> Head:
 
 
 def _chunk_logps(head: Head, hidden_CD: torch.Tensor, target_C: torch.Tensor) -> torch.Tensor:
-    logits_CV = head(hidden_CD).float()  # log-softmax in fp32 whatever the model dtype
+    logits_CV = head(hidden_CD)
+    if logits_CV.dtype not in (torch.float32, torch.float64):
+        logits_CV = logits_CV.float()  # log-softmax in fp32 at least, whatever the model dtype
     picked_C = logits_CV.gather(-1, target_C[:, None]).squeeze(-1)
     return picked_C - logits_CV.logsumexp(-1)
 
@@ -53,7 +55,7 @@ def _chunk_logps(head: Head, hidden_CD: torch.Tensor, target_C: torch.Tensor) ->
 def token_logps(
     head: Head, hidden_TD: torch.Tensor, target_T: torch.Tensor, chunk_size: int = 1024
 ) -> torch.Tensor:
-    """(T,) fp32 log-probs of `target_T` under `head(hidden_TD)`; see the module docstring."""
+    """(T,) log-probs (fp32, or fp64 for an fp64 model) of `target_T` under `head(hidden_TD)`; see the module docstring."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     parts = []
