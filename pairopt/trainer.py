@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -106,16 +107,31 @@ class PolicyLogps(nn.Module):
 def train(cfg: TrainConfig) -> TrainResult:
     """Run one training job as configured; returns its TrainResult."""
     started = time.perf_counter()
-    from accelerate import Accelerator
-    from accelerate.utils import broadcast_object_list, set_seed
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 
     from pairopt.data import load_preference_data, rows_to_pairs
     from pairopt.loss import build_loss
 
+    # Output directory first (trackers need it when the Accelerator is made); the default name
+    # has a timestamp, so every process takes process 0's.
+    cpu = _multi_process_cpu()
+    state = PartialState(cpu=cpu)
+    out_dir = [_output_dir(cfg) if state.is_main_process else None]
+    if state.num_processes > 1:
+        broadcast_object_list(out_dir)
+    output = Path(str(out_dir[0]))
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(output)})})
+
+    _fresh_accelerate_state()
     accelerator = Accelerator(
+        cpu=cpu,
         mixed_precision=cfg.optim.precision,
         gradient_accumulation_steps=cfg.optim.grad_accum,
         log_with=list(cfg.logging.report_to) or None,
+        project_config=ProjectConfiguration(
+            project_dir=str(output), logging_dir=str(output / "trackers")
+        ),
         step_scheduler_with_optimizer=False,
     )
     is_main, world, rank = (
@@ -124,13 +140,6 @@ def train(cfg: TrainConfig) -> TrainResult:
         accelerator.process_index,
     )
     say = _Printer(is_main)
-
-    # Output directory (the default name has a timestamp: every process must use process 0's).
-    out_dir = [_output_dir(cfg) if is_main else None]
-    if world > 1:
-        broadcast_object_list(out_dir)
-    output = Path(str(out_dir[0]))
-    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(output)})})
     resume_from = _find_checkpoint(cfg.checkpoint.resume, output) if cfg.checkpoint.resume else None
     if is_main:
         _check_output_dir(output, resuming=resume_from is not None)
@@ -138,8 +147,6 @@ def train(cfg: TrainConfig) -> TrainResult:
         (output / "config.yaml").write_text(cfg.to_yaml())
         say(f"pairopt train: resolved config (saved to {output / 'config.yaml'})")
         say(_indent(cfg.to_yaml()))
-    accelerator.project_configuration.set_directories(str(output))
-    accelerator.project_configuration.logging_dir = str(output / "trackers")
     accelerator.wait_for_everyone()
 
     set_seed(cfg.optim.seed)
@@ -310,6 +317,33 @@ def train(cfg: TrainConfig) -> TrainResult:
     return TrainResult(
         output, total_steps, history, evals, wall_s, pairs_per_s, ref_cache_hit, final_model
     )
+
+
+def _multi_process_cpu() -> bool:
+    """Launched as several processes on a machine without an accelerator (torchrun on CPU).
+
+    accelerate sets up gloo DDP there only when told `cpu=True`; otherwise every process would
+    silently train alone on the whole batch.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    accelerator_api = getattr(torch, "accelerator", None)  # torch >= 2.6
+    has_accelerator = (
+        accelerator_api.is_available() if accelerator_api is not None else torch.cuda.is_available()
+    )
+    return not has_accelerator
+
+
+def _fresh_accelerate_state() -> None:
+    """Let `train` run more than once per process (scripts, tests) with different settings.
+
+    accelerate keeps mixed precision and plugins in process-wide singletons and refuses a second
+    Accelerator that differs; the distributed setup (PartialState) is kept, it does not change.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
 
 
 # ---------------------------------------------------------------------------------------------

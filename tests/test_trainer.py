@@ -1,0 +1,257 @@
+"""End-to-end training on CPU with a 2-layer, 32-wide Llama and 48 shipped preference pairs.
+
+Each run takes about a second; the tolerances below are for float32 on CPU, where the shared and
+the unshared forward compute the same sums in a different order (differences ~1e-7 per step
+that AdamW can amplify a little over a few steps).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pairopt.loss import available_losses, get_loss_class
+from pairopt.trainer import BatchPlan, TrainResult, load_model, train
+from train_fixtures import make_tiny_model_dir, params, tiny_config
+
+# Losses whose Config has required fields, and a valid value for them (a new plugin with
+# required parameters must add itself here, or its test fails loudly).
+REQUIRED_PARAMS = {"combined": {"terms": [{"name": "dpo"}, {"name": "sft", "weight": 0.2}]}}
+
+# Trajectories of the same run computed two ways (shared/unshared, packed/unpacked, live/precomputed
+# reference, accumulated/not) agree to this (float32, 4 steps of AdamW at lr 1e-2).
+TRAJECTORY_TOL = {"rtol": 1e-4, "atol": 1e-5}
+# Weights after those steps: Adam divides by sqrt(v), so an embedding row with a near-zero
+# gradient turns a 1e-9 difference into up to ~1e-5; 1e-4 is 1% of one step at lr 1e-2.
+WEIGHTS_TOL = {"rtol": 0.0, "atol": 1e-4}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)  # two xdist workers on two cores: more threads only thrash
+    return make_tiny_model_dir(tmp_path_factory.mktemp("models"))
+
+
+def losses_of(result: TrainResult) -> torch.Tensor:
+    return torch.tensor([step["loss"] for step in result.history], dtype=torch.float64)
+
+
+def initial_params(model_dir: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """The weights a run starts from: the config built under the run's seed (0)."""
+    cfg = tiny_config(model_dir, tmp_path / "unused")
+    return params(load_model(str(model_dir), cfg, seed=cfg.optim.seed))
+
+
+@pytest.mark.parametrize("loss", available_losses())
+def test_every_builtin_loss_trains_and_changes_every_parameter(
+    loss: str, model_dir: Path, tmp_path: Path
+) -> None:
+    params_given = REQUIRED_PARAMS.get(loss, {})
+    get_loss_class(loss).Config(**params_given)  # the table above is complete for this loss
+    result = train(tiny_config(model_dir, tmp_path / "out", loss={"name": loss, **params_given}))
+    assert result.steps == 3 and len(result.history) == 3
+    assert all(math.isfinite(step["loss"]) for step in result.history)
+    assert result.final_eval is not None and result.final_eval["pairs"] == 16
+    assert math.isfinite(result.final_eval["loss"])
+    before = initial_params(model_dir, tmp_path)
+    after = params(result.policy)
+    unchanged = [name for name in before if torch.equal(before[name], after[name])]
+    assert not unchanged, f"{loss}: parameters not updated by training: {unchanged}"
+
+
+def test_shared_and_unshared_give_the_same_trajectory(model_dir: Path, tmp_path: Path) -> None:
+    shared = train(tiny_config(model_dir, tmp_path / "a", optim={"max_steps": 4}))
+    unshared = train(
+        tiny_config(
+            model_dir, tmp_path / "b", optim={"max_steps": 4}, engine={"share_prefix": False}
+        )
+    )
+    assert losses_of(shared)[0] == pytest.approx(
+        math.log(2), abs=1e-6
+    )  # policy == reference at step 1
+    torch.testing.assert_close(losses_of(shared), losses_of(unshared), **TRAJECTORY_TOL)
+    assert losses_of(shared)[-1] < losses_of(shared)[0]  # it is learning, not standing still
+
+
+def test_packed_and_unpacked_give_the_same_trajectory(model_dir: Path, tmp_path: Path) -> None:
+    packed = train(tiny_config(model_dir, tmp_path / "a", optim={"max_steps": 4}))
+    unpacked = train(
+        tiny_config(model_dir, tmp_path / "b", optim={"max_steps": 4}, engine={"packing": False})
+    )
+    torch.testing.assert_close(losses_of(packed), losses_of(unpacked), **TRAJECTORY_TOL)
+
+
+def test_gradient_accumulation_matches_one_big_batch(model_dir: Path, tmp_path: Path) -> None:
+    """4 pairs x 2 micro-batches = 8 pairs x 1: the step loss is the mean over the step's pairs."""
+    big = train(tiny_config(model_dir, tmp_path / "a", optim={"batch_size": 8}))
+    accumulated = train(
+        tiny_config(model_dir, tmp_path / "b", optim={"batch_size": 4, "grad_accum": 2})
+    )
+    # Same pairs per step? BatchPlan cuts the same permutation into 4s, and 2 consecutive 4s are one 8.
+    torch.testing.assert_close(losses_of(big), losses_of(accumulated), **TRAJECTORY_TOL)
+    torch.testing.assert_close(params(big.policy), params(accumulated.policy), **WEIGHTS_TOL)
+
+
+def test_gradient_checkpointing_gives_the_same_trajectory(model_dir: Path, tmp_path: Path) -> None:
+    plain = train(tiny_config(model_dir, tmp_path / "a"))
+    checkpointed = train(
+        tiny_config(model_dir, tmp_path / "b", model={"gradient_checkpointing": True})
+    )
+    torch.testing.assert_close(losses_of(plain), losses_of(checkpointed), **TRAJECTORY_TOL)
+
+
+def test_resume_continues_exactly(model_dir: Path, tmp_path: Path) -> None:
+    """N steps straight == N/2 steps, stop, resume, N/2 steps (same data order, same weights)."""
+    common = {"optim": {"max_steps": 4, "schedule": "linear", "warmup_steps": 1}}
+    straight = train(
+        tiny_config(
+            model_dir, tmp_path / "straight", **common, checkpoint={"every": 2, "keep_last": None}
+        )
+    )
+    checkpoint = tmp_path / "straight" / "checkpoints" / "step-000002"
+    assert (checkpoint / "trainer_state.json").is_file()
+    resumed = train(
+        tiny_config(
+            model_dir, tmp_path / "resumed", **common, checkpoint={"resume": str(checkpoint)}
+        )
+    )
+    assert [h["loss"] for h in resumed.history] == pytest.approx(
+        [h["loss"] for h in straight.history[2:]], rel=1e-6
+    )
+    torch.testing.assert_close(
+        params(resumed.policy), params(straight.policy), rtol=1e-6, atol=1e-7
+    )
+    # The resumed run's metrics.jsonl starts where the checkpoint stopped.
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps[0] == 3
+
+
+def test_precomputed_reference_matches_live_and_is_cached(model_dir: Path, tmp_path: Path) -> None:
+    cache = {"cache_dir": str(tmp_path / "cache")}
+    live = train(tiny_config(model_dir, tmp_path / "live", reference={"strategy": "copy"}))
+    first = train(
+        tiny_config(model_dir, tmp_path / "pre1", reference={"strategy": "precompute", **cache})
+    )
+    second = train(
+        tiny_config(model_dir, tmp_path / "pre2", reference={"strategy": "precompute", **cache})
+    )
+    assert live.reference_cache_hit is None
+    assert first.reference_cache_hit is False and second.reference_cache_hit is True
+    assert len(list((tmp_path / "cache").glob("ref-logps-*.pt"))) == 1
+    torch.testing.assert_close(losses_of(first), losses_of(live), **TRAJECTORY_TOL)
+    torch.testing.assert_close(losses_of(second), losses_of(first), rtol=0, atol=0)
+    assert live.final_eval is not None and first.final_eval is not None
+    assert first.final_eval["loss"] == pytest.approx(live.final_eval["loss"], rel=1e-4)
+    # Other data -> another key -> a miss, not a stale hit.
+    other = train(
+        tiny_config(
+            model_dir,
+            tmp_path / "pre3",
+            data={"max_samples": 40},
+            reference={"strategy": "precompute", **cache},
+        )
+    )
+    assert other.reference_cache_hit is False
+
+
+def test_reference_free_loss_has_no_reference(model_dir: Path, tmp_path: Path) -> None:
+    result = train(
+        tiny_config(
+            model_dir,
+            tmp_path / "out",
+            loss={"name": "simpo"},
+            reference={"strategy": "precompute", "cache_dir": str(tmp_path / "cache")},
+        )
+    )
+    assert result.reference_cache_hit is None and not (tmp_path / "cache").exists()
+
+
+def test_lora_policy_with_adapter_disabled_reference(model_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    result = train(
+        tiny_config(
+            model_dir,
+            tmp_path / "out",
+            model={"lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}},
+        )
+    )
+    # LoRA starts as the identity (B = 0), so the policy equals the adapter-disabled reference.
+    assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(params(merged), params(result.policy))
+
+
+def test_saved_model_loads_with_transformers(model_dir: Path, tmp_path: Path) -> None:
+    result = train(tiny_config(model_dir, tmp_path / "out"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(params(loaded), params(result.policy), rtol=0, atol=0)
+    for name in ("config.yaml", "metrics.jsonl", "tokenizer.json", "config.json"):
+        assert (tmp_path / "out" / name).is_file(), name
+    records = [
+        json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]
+    assert [r["split"] for r in records][-1] == "eval" and "rewards/accuracies" in records[-1]
+
+
+def test_tensorboard_and_bf16(model_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    result = train(
+        tiny_config(
+            model_dir,
+            tmp_path / "out",
+            optim={"precision": "bf16"},
+            logging={"report_to": ["tensorboard"]},
+        )
+    )
+    assert all(math.isfinite(step["loss"]) for step in result.history)
+    assert list((tmp_path / "out" / "trackers").rglob("events.out.tfevents.*"))
+
+
+def test_batch_plan_is_deterministic_and_respects_budgets() -> None:
+    lengths = [10, 30, 20, 50, 40, 10, 60, 5, 25, 35]
+    plan = BatchPlan(lengths, batch_size=3, batch_tokens=80, group=2, seed=7)
+    again = BatchPlan(lengths, batch_size=3, batch_tokens=80, group=2, seed=7)
+    assert plan.epoch(0) == again.epoch(0) and plan.epoch(1) == again.epoch(1)
+    assert plan.epoch(0) != plan.epoch(1)  # reshuffled every epoch
+    for step in plan.epoch(0):
+        assert len(step) == 2
+        for micro in step:
+            assert len(micro) <= 3
+            assert sum(lengths[i] for i in micro) <= 80 or len(micro) == 1
+    # iterate() resumes mid-way through the second epoch with the same batches.
+    full = list(plan.iterate(0, 7))
+    assert list(plan.iterate(4, 7)) == full[4:]
+    assert [epoch for _, epoch, _ in full] == sorted(epoch for _, epoch, _ in full)
+
+
+@pytest.mark.slow
+def test_two_processes_on_cpu_agree_and_match_one_process(model_dir: Path, tmp_path: Path) -> None:
+    """torchrun, 2 processes, gloo: DDP replicas agree after training and equal one process with
+    grad_accum 2 (process r takes micro-batches r, r+2, ... of the same step)."""
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(worker), str(model_dir), str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    torch.testing.assert_close(rank0, rank1, rtol=0, atol=0)
+    single = train(tiny_config(model_dir, tmp_path / "single", optim={"grad_accum": 2}))
+    torch.testing.assert_close(rank0, params(single.policy), **WEIGHTS_TOL)
