@@ -48,9 +48,7 @@ class LoraConfig(BaseModel):
     model_config = _SECTION
 
     r: int = Field(default=16, gt=0, le=4096, description="LoRA rank.")
-    alpha: float = Field(
-        default=32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r)."
-    )
+    alpha: int = Field(default=32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     target_modules: list[str] | None = Field(
         default=None,
         description="Module names to adapt, e.g. [q_proj, v_proj]; null = every linear layer "
