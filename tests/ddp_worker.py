@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import torch
+from train_fixtures import params, tiny_config
 
 from pairopt.trainer import train
-from train_fixtures import params, tiny_config
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

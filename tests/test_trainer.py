@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_fixtures import make_tiny_model_dir, params, tiny_config
 from transformers import AutoModelForCausalLM
 
 from pairopt.loss import available_losses, get_loss_class
 from pairopt.trainer import BatchPlan, TrainResult, load_model, train
-from train_fixtures import make_tiny_model_dir, params, tiny_config
 
 # Losses whose Config has required fields, and a valid value for them (a new plugin with
 # required parameters must add itself here, or its test fails loudly).
