@@ -1,0 +1,64 @@
+"""Loading a causal LM: a hub id, a local directory, or a config without weights.
+
+A directory with a config.json but no weight files (the shipped `builtin:tiny-llama`) is built
+with `from_config` under a seed, so a run on it is reproducible. Light: no pydantic here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pairopt.errors import PairoptError
+
+
+def resolve_path(name_or_path: str) -> str:
+    """`builtin:<name>` -> the shipped asset's directory; an existing path -> expanded; else as is."""
+    if name_or_path.startswith("builtin:"):
+        from pairopt.data import resolve_builtin
+
+        return str(resolve_builtin(name_or_path))
+    path = Path(name_or_path).expanduser()
+    return str(path) if path.exists() else name_or_path
+
+
+def has_weights(path: Path) -> bool:
+    return any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+
+
+def load_causal_lm(
+    name_or_path: str,
+    *,
+    dtype: str = "auto",
+    seed: int = 0,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> nn.Module:
+    """`AutoModelForCausalLM.from_pretrained`, or `from_config` under `seed` for a bare config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_path(name_or_path)
+    torch_dtype: Any = "auto" if dtype == "auto" else getattr(torch, dtype)
+    extra: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        extra["attn_implementation"] = attn_implementation
+    try:
+        if Path(path).is_dir() and not has_weights(Path(path)):
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return AutoModelForCausalLM.from_config(
+                    config, dtype=torch.float32 if dtype == "auto" else torch_dtype, **extra
+                )
+        return AutoModelForCausalLM.from_pretrained(
+            path, revision=revision, dtype=torch_dtype, **extra
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise PairoptError(
+            f"could not load model {name_or_path!r}: {err}. Pass a hub id, or a local directory "
+            "with a config.json (and weights, or none to build it from the config)."
+        ) from None
