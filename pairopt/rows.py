@@ -1,0 +1,308 @@
+"""One dataset row -> checked, tokenised, truncated token ids (DESIGN.md §3).
+
+`RowTokenizer` is the function `pairopt.data` gives to `Dataset.map(batched=True,
+with_indices=True)`. It never drops a row itself: it writes the token ids and, per row, a
+status ("" ok, "skip:<bad-row reason>", "drop:<truncation reason>") and truncation flags, so
+the counts in the data report survive the `datasets` cache; `pairopt.data` filters afterwards.
+
+- Texts: standard rows as they are; conversations through the chat template (the prompt with
+  `add_generation_prompt=True`, a response is what the whole conversation renders after the
+  rendered prompt); implicit rows split at the shared beginning (`split_common_prefix`).
+- Ids: the prompt with the tokenizer's special tokens, BOS once even if the chat template wrote
+  it; each response without special tokens, plus EOS unless its text already ends with EOS.
+- Truncation, TRL semantics: the prompt to `max_prompt_length` (its end and leading BOS, or its
+  start), then each response separately to `max_completion_length` and to
+  `max_length - len(prompt)`; a row with no room left for a response is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import datasets
+
+from pairopt.errors import PairoptError
+
+if TYPE_CHECKING:
+    from pairopt.data import DataConfig
+
+BAD_ROW_REASONS = {
+    "wrong_type": "a value has the wrong type",
+    "empty_response": "a response is empty",
+    "chosen_equals_rejected": "chosen == rejected",
+    "empty_prompt": "the prompt has no tokens (nothing for the first response token to follow)",
+    "chat_template": "the chat template failed or did not render the prompt as a prefix of the conversation",
+}
+DROP_REASONS = {"no_room_for_response": "the prompt fills max_length, no room for a response"}
+# Part of the map function's state, hence of the datasets cache key: datasets hashes a callable
+# object by its pickled state and its class by name, so without this an edit to this file
+# would keep serving results cached by the old code.
+CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+STATUS_COLUMNS = ["_status", "_prompt_truncated", "_response_truncated"]
+OUTPUT_FEATURES = datasets.Features(
+    {
+        "prompt_ids": datasets.List(datasets.Value("int32")),
+        "chosen_ids": datasets.List(datasets.Value("int32")),
+        "rejected_ids": datasets.List(datasets.Value("int32")),
+        "_status": datasets.Value("string"),  # "" ok, "skip:<reason>" or "drop:<reason>"
+        "_prompt_truncated": datasets.Value("bool"),
+        "_response_truncated": datasets.Value("bool"),
+    }
+)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Resolved format: where the prompt comes from and whether values are text or messages."""
+
+    messages: bool  # values are lists of {role, content} (rendered with the chat template)
+    implicit: bool  # no prompt column: the shared beginning of chosen/rejected is the prompt
+
+    @property
+    def name(self) -> str:
+        if self.implicit:
+            return "implicit (messages)" if self.messages else "implicit (text)"
+        return "conversational" if self.messages else "standard"
+
+
+class BadRow(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def check_text(value: Any, column: str) -> str:
+    if not isinstance(value, str):
+        raise BadRow(
+            "wrong_type", f"column {column!r} holds {type(value).__name__}, expected a string"
+        )
+    return value
+
+
+def check_messages(value: Any, column: str) -> list[dict[str, str]]:
+    if not isinstance(value, list):
+        raise BadRow(
+            "wrong_type",
+            f"column {column!r} holds {type(value).__name__}, expected a list of {{role, content}} messages",
+        )
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise BadRow(
+                "wrong_type",
+                f"column {column!r} message {i} is {type(message).__name__}, expected a dict",
+            )
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                raise BadRow(
+                    "wrong_type",
+                    f"column {column!r} message {i} has {key} of type "
+                    f"{type(message.get(key)).__name__}, expected a string",
+                )
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _is_empty(value: str | list[dict[str, str]]) -> bool:
+    if isinstance(value, str):
+        return not value.strip()
+    return not any(m["content"].strip() for m in value)
+
+
+def split_common_prefix(chosen: str, rejected: str) -> int:
+    """Where the implicit prompt ends in two texts: their common prefix, never mid-word.
+
+    TRL's `extract_prompt` cuts at the first differing character and moves one space before it
+    into the responses. Cutting inside a word would also make the tokenizer see word fragments,
+    so we back up to the word's start first (e.g. "... is blue" / "... is black" -> prompt
+    "... is", responses " blue" / " black").
+    """
+    k, end = 0, min(len(chosen), len(rejected))
+    while k < end and chosen[k] == rejected[k]:
+        k += 1
+
+    def inside_word(k: int) -> bool:
+        if k == 0 or not chosen[k - 1].isalnum():
+            return False
+        return any(k < len(t) and t[k].isalnum() for t in (chosen, rejected))
+
+    while inside_word(k):
+        k -= 1
+    if k > 0 and chosen[k - 1] == " ":
+        k -= 1
+    return k
+
+
+class RowTokenizer:
+    """The `Dataset.map(batched=True, with_indices=True)` function: columns in, token ids out.
+
+    A plain class (not a closure) so it pickles for `num_proc` and hashes stably for the cache.
+    """
+
+    def __init__(
+        self, tokenizer: Any, cfg: DataConfig, layout: Layout, where: str, split: str
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.layout = layout
+        self.where = where
+        self.split = split
+        self.bos_id: int | None = tokenizer.bos_token_id
+        self.eos_id: int = tokenizer.eos_token_id
+        self.code_version = CODE_VERSION
+
+    # -- texts of one row ---------------------------------------------------------------------
+
+    def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except Exception as err:  # jinja raise_exception() or a template bug: a per-row problem
+            raise BadRow(
+                "chat_template", f"the chat template failed: {type(err).__name__}: {err}"
+            ) from err
+        return str(text)
+
+    def _continuation(
+        self,
+        prompt_text: str,
+        prompt: list[dict[str, str]],
+        response: list[dict[str, str]],
+        column: str,
+    ) -> str:
+        full = self._render(prompt + response, generation_prompt=False)
+        if not full.startswith(prompt_text):
+            raise BadRow(
+                "chat_template",
+                f"the chat template renders prompt + {column} in a way that does not start with the "
+                "rendered prompt, so the response cannot be cut out of it",
+            )
+        return full[len(prompt_text) :]
+
+    def row_texts(self, batch: dict[str, list], i: int) -> tuple[str, str, str]:
+        """(prompt, chosen, rejected) texts of row i of the batch, or raise BadRow."""
+        cfg, layout = self.cfg, self.layout
+        check = check_messages if layout.messages else check_text
+        chosen: Any = check(batch[cfg.chosen_column][i], cfg.chosen_column)
+        rejected: Any = check(batch[cfg.rejected_column][i], cfg.rejected_column)
+        prompt: Any = (
+            None if layout.implicit else check(batch[cfg.prompt_column][i], cfg.prompt_column)
+        )
+        if chosen == rejected:
+            raise BadRow(
+                "chosen_equals_rejected",
+                "chosen and rejected are identical (no preference to learn)",
+            )
+        if layout.implicit:
+            if layout.messages:
+                k = 0
+                while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
+                    k += 1
+            else:
+                k = split_common_prefix(chosen, rejected)
+            prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
+        for value, column in ((chosen, cfg.chosen_column), (rejected, cfg.rejected_column)):
+            if _is_empty(value):
+                after = (
+                    " after taking the shared beginning as the prompt" if layout.implicit else ""
+                )
+                raise BadRow("empty_response", f"column {column!r} is empty{after}")
+        if not layout.messages:
+            return prompt, chosen, rejected
+        prompt_text = self._render(prompt, generation_prompt=True)
+        return (
+            prompt_text,
+            self._continuation(prompt_text, prompt, chosen, cfg.chosen_column),
+            self._continuation(prompt_text, prompt, rejected, cfg.rejected_column),
+        )
+
+    # -- token ids ----------------------------------------------------------------------------
+
+    def prompt_ids(self, ids: list[int], text: str) -> list[int]:
+        # A chat template that writes BOS itself, tokenised with special tokens, gives BOS twice.
+        bos = self.tokenizer.bos_token
+        if len(ids) >= 2 and ids[0] == ids[1] == self.bos_id and bos and text.startswith(bos):
+            return ids[1:]
+        return ids
+
+    def response_ids(self, ids: list[int], text: str) -> list[int]:
+        # Absent means: not the last token, and the text does not end with EOS (a chat template
+        # may close the turn with EOS and then write a newline; no second EOS after that).
+        eos = self.tokenizer.eos_token
+        if (ids and ids[-1] == self.eos_id) or (eos and text.rstrip().endswith(eos)):
+            return ids
+        return [*ids, self.eos_id]
+
+    def truncate(
+        self, prompt: list[int], chosen: list[int], rejected: list[int]
+    ) -> tuple[list[int], list[int], list[int], bool, bool, bool]:
+        """TRL semantics; returns the ids, prompt_cut, response_cut, and whether to drop."""
+        cfg = self.cfg
+        prompt_cut = False
+        if cfg.max_prompt_length is not None and len(prompt) > cfg.max_prompt_length:
+            n, prompt_cut = cfg.max_prompt_length, True
+            if cfg.prompt_truncation == "keep_start":
+                prompt = prompt[:n]
+            elif self.bos_id is not None and prompt[0] == self.bos_id:
+                # keep_end would drop BOS, which many models need as the first token
+                prompt = [prompt[0], *prompt[len(prompt) - n + 1 :]] if n > 1 else prompt[:1]
+            else:
+                prompt = prompt[-n:]
+        limit = cfg.max_completion_length or len(chosen) + len(rejected)
+        if cfg.max_length is not None:
+            if len(prompt) >= cfg.max_length:
+                return prompt, chosen, rejected, prompt_cut, False, True
+            limit = min(limit, cfg.max_length - len(prompt))
+        response_cut = len(chosen) > limit or len(rejected) > limit
+        return prompt, chosen[:limit], rejected[:limit], prompt_cut, response_cut, False
+
+    def fail(self, index: int, bad: BadRow) -> PairoptError:
+        return PairoptError(
+            f"Row {index} of split {self.split!r} of {self.where} ({self.layout.name} format): "
+            f"{bad.detail} [{bad.reason}]. Fix the row, or set on_bad_row: skip to skip such rows "
+            "and count them in the data report."
+        )
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        n = len(indices)
+        out: dict[str, list] = {
+            name: [[] for _ in range(n)] for name in ("prompt_ids", "chosen_ids", "rejected_ids")
+        }
+        out["_status"] = [""] * n
+        out["_prompt_truncated"] = [False] * n
+        out["_response_truncated"] = [False] * n
+        good, texts = [], []
+        for i, index in enumerate(indices):
+            try:
+                texts.append(self.row_texts(batch, i))
+                good.append(i)
+            except BadRow as bad:
+                if self.cfg.on_bad_row == "error":
+                    raise self.fail(index, bad) from None
+                out["_status"][i] = f"skip:{bad.reason}"
+        if not good:
+            return out
+        prompts, chosens, rejecteds = (list(column) for column in zip(*texts, strict=True))
+        tok = self.tokenizer
+        prompt_ids = tok(prompts, add_special_tokens=True, verbose=False)["input_ids"]
+        chosen_ids = tok(chosens, add_special_tokens=False, verbose=False)["input_ids"]
+        rejected_ids = tok(rejecteds, add_special_tokens=False, verbose=False)["input_ids"]
+        for j, i in enumerate(good):
+            p = self.prompt_ids(prompt_ids[j], prompts[j])
+            if not p:
+                empty = BadRow("empty_prompt", "the prompt is empty and the tokenizer adds no BOS")
+                if self.cfg.on_bad_row == "error":
+                    raise self.fail(indices[i], empty)
+                out["_status"][i] = f"skip:{empty.reason}"
+                continue
+            c = self.response_ids(chosen_ids[j], chosens[j])
+            r = self.response_ids(rejected_ids[j], rejecteds[j])
+            p, c, r, prompt_cut, response_cut, drop = self.truncate(p, c, r)
+            if drop:
+                out["_status"][i] = "drop:no_room_for_response"
+                continue
+            out["prompt_ids"][i], out["chosen_ids"][i], out["rejected_ids"][i] = p, c, r
+            out["_prompt_truncated"][i], out["_response_truncated"][i] = prompt_cut, response_cut
+        return out
