@@ -21,6 +21,8 @@ Everything is checked here, before a model or dataset is loaded; a bad value bec
 from __future__ import annotations
 
 import difflib
+import json
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -75,8 +77,8 @@ class ModelConfig(BaseModel):
     )
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] | None = Field(
         default=None,
-        description="transformers attention implementation; null = what engine.backend needs "
-        "(sdpa for auto/sdpa/varlen, eager for eager, flex_attention for flex).",
+        description="Attention implementation the model is loaded with; null = transformers' "
+        "default. The engine switches it to what engine.backend needs when it runs.",
     )
     gradient_checkpointing: bool = Field(
         default=False,
@@ -393,6 +395,13 @@ class TrainConfig(BaseModel):
 
             if importlib.util.find_spec("peft") is None:
                 raise ValueError("model.lora needs the peft package: pip install 'pairopt[lora]'")
+        dataset = self.data.dataset
+        local = _looks_like_path(dataset) or dataset.endswith(_DATA_SUFFIXES)
+        if local and not Path(dataset).expanduser().exists():
+            raise ValueError(
+                f"data.dataset {dataset!r} does not exist (give an existing .json/.jsonl/.parquet/"
+                ".csv file or folder, a hub dataset ID, or builtin:NAME)"
+            )
         for tracker in self.logging.report_to:
             if not _tracker_available(tracker):
                 raise ValueError(
@@ -421,6 +430,9 @@ def _tracker_available(name: str) -> bool:
             or importlib.util.find_spec("tensorboardX") is not None
         )
     return importlib.util.find_spec(module) is not None
+
+
+_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 
 
 def _looks_like_path(value: str) -> bool:
@@ -802,7 +814,14 @@ def help_text() -> str:
                 else repr(field.get_default(call_default_factory=True))
             )
             lines.append(f"  --{prefix}{name} [{_type_name(field.annotation)}, default {default}]")
-            lines.append(f"      {field.description or ''}")
+            lines.extend(
+                textwrap.wrap(
+                    field.description or "",
+                    width=96,
+                    initial_indent="      ",
+                    subsequent_indent="      ",
+                )
+            )
 
     walk(TrainConfig, "")
     return "\n".join(lines)
@@ -818,3 +837,44 @@ def _type_name(annotation: Any) -> str:
     if isinstance(annotation, type) and not typing.get_args(annotation):
         return annotation.__name__
     return str(annotation).replace("typing.", "")
+
+
+def config_reference_markdown() -> str:
+    """The option tables of docs/configuration.md, made from the field descriptions."""
+    lines: list[str] = []
+
+    def rows(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            if model is LossSection and name == "params":
+                continue
+            sub = _model_in(field.annotation)
+            if sub is not None:
+                rows(sub, f"{prefix}{name}.")
+                continue
+            default = (
+                "required"
+                if field.is_required()
+                else f"`{_yaml_value(field.get_default(call_default_factory=True))}`"
+            )
+            kind = _type_name(field.annotation).replace("|", " \\| ")
+            description = (field.description or "").replace("|", "\\|")
+            lines.append(f"| `{prefix}{name}` | {kind} | {default} | {description} |")
+
+    for name, field in TrainConfig.model_fields.items():
+        section = _model_in(field.annotation)
+        assert section is not None
+        lines += ["", f"### `{name}`: {field.description or section.__doc__}", ""]
+        lines += ["| option | type | default | description |", "|---|---|---|---|"]
+        rows(section, f"{name}.")
+    return "\n".join(lines).strip() + "\n"
+
+
+def _yaml_value(value: Any) -> str:
+    """A default as it is written in YAML (null, true, [0.9, 0.999], builtin:tiny-llama)."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+if __name__ == "__main__":
+    print(config_reference_markdown(), end="")

@@ -141,13 +141,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
     say = _Printer(is_main)
     resume_from = _find_checkpoint(cfg.checkpoint.resume, output) if cfg.checkpoint.resume else None
-    if is_main:
-        _check_output_dir(output, resuming=resume_from is not None)
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "config.yaml").write_text(cfg.to_yaml())
-        say(f"pairopt train: resolved config (saved to {output / 'config.yaml'})")
-        say(_indent(cfg.to_yaml()))
-    accelerator.wait_for_everyone()
+    _check_output_dir(output, resuming=resume_from is not None)
+    say("pairopt train: resolved config")
+    say(_indent(cfg.to_yaml()))
 
     set_seed(cfg.optim.seed)
     tokenizer = load_tokenizer(cfg)
@@ -179,6 +175,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         hf.config.use_cache = False
     if reference is not None and isinstance(reference, _LazyAdapter):
         reference = reference.bind(policy, engine_kwargs, accelerator.autocast)
+
+    # Saved only now: a bad dataset or model leaves no half-made run directory behind.
+    if is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.yaml").write_text(cfg.to_yaml())
+        say(f"config saved to {output / 'config.yaml'}")
+    accelerator.wait_for_everyone()
 
     trainable = [p for p in policy.parameters() if p.requires_grad]
     say(

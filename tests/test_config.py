@@ -1,0 +1,167 @@
+"""Configuration: YAML + flags precedence, coercion of flag values, loss parameters through the
+plugin, the resolved config round trip, and docs/configuration.md kept in step with the fields."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pairopt.config import (
+    TrainConfig,
+    help_text,
+    load_config_file,
+    parse_train_args,
+    validate_config,
+)
+from pairopt.errors import PairoptError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_need_only_a_loss() -> None:
+    cfg = parse_train_args(["--loss", "dpo"])
+    assert cfg.loss.name == "dpo" and cfg.loss.params["beta"] == 0.1  # the plugin's default, filled in
+    assert cfg.model.name_or_path == "builtin:tiny-llama" and cfg.data.dataset == "builtin:tiny-prefs"
+    assert cfg.engine.share_prefix and cfg.engine.packing
+
+
+def test_flags_override_yaml_override_defaults(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "loss: {name: ipo, beta: 0.3}\n"
+        "optim: {lr: 1.0e-4, batch_size: 4, warmup_steps: 5}\n"
+        "engine: {share_prefix: false}\n"
+    )
+    cfg = parse_train_args(["--config", str(config), "--optim.lr", "5e-4", "--loss.beta", "0.2"])
+    assert cfg.loss.name == "ipo" and cfg.loss.params["beta"] == 0.2  # flag beats file
+    assert cfg.optim.lr == 5e-4 and cfg.optim.batch_size == 4 and cfg.optim.warmup_steps == 5
+    assert cfg.engine.share_prefix is False  # from the file, untouched by flags
+    assert cfg.optim.grad_accum == 1  # default
+    switched = parse_train_args(["--config", str(config), "--loss", "dpo"])
+    assert switched.loss.name == "dpo" and switched.loss.params["beta"] == 0.3  # file's params, new loss
+
+
+@pytest.mark.parametrize(
+    ("flag", "raw", "path", "expected"),
+    [
+        ("--optim.lr", "5e-4", ("optim", "lr"), 5e-4),  # YAML 1.1 reads 5e-4 as a string
+        ("--engine.share_prefix", "false", ("engine", "share_prefix"), False),
+        ("--engine.packing", "no", ("engine", "packing"), False),
+        ("--optim.max_grad_norm", "null", ("optim", "max_grad_norm"), None),
+        ("--optim.max_grad_norm", "none", ("optim", "max_grad_norm"), None),
+        ("--engine.max_tokens_per_row", "2048", ("engine", "max_tokens_per_row"), 2048),
+        ("--optim.betas", "[0.9, 0.95]", ("optim", "betas"), (0.9, 0.95)),
+        ("--optim.betas", "0.9,0.95", ("optim", "betas"), (0.9, 0.95)),
+        ("--logging.report_to", "tensorboard", ("logging", "report_to"), ["tensorboard"]),
+        ("--logging.report_to", "[]", ("logging", "report_to"), []),
+        ("--output.run_name", "123", ("output", "run_name"), "123"),  # a str field keeps digits as text
+        ("--output.run_name", "true", ("output", "run_name"), "true"),
+        ("--model.lora.target_modules", "q_proj,v_proj", ("model", "lora", "target_modules"), ["q_proj", "v_proj"]),
+    ],
+)
+def test_flag_values_are_coerced_by_field_type(flag: str, raw: str, path: tuple[str, ...], expected: object) -> None:
+    pytest.importorskip("peft") if "lora" in flag else None
+    cfg = parse_train_args(["--loss", "dpo", flag, raw])
+    value: object = cfg
+    for part in path:
+        value = getattr(value, part)
+    assert value == expected
+
+
+def test_bare_boolean_flag_means_true() -> None:
+    cfg = parse_train_args(["--loss", "dpo", "--model.gradient_checkpointing", "--optim.lr=1e-3"])
+    assert cfg.model.gradient_checkpointing is True and cfg.optim.lr == 1e-3
+
+
+def test_loss_params_are_coerced_by_the_plugin_config() -> None:
+    cfg = parse_train_args(["--loss", "dpo", "--loss.beta", "0.25", "--loss.label_smoothing", "0.1"])
+    assert cfg.loss.params == {"beta": 0.25, "label_smoothing": 0.1}
+    combined = parse_train_args(["--loss", "combined", "--loss.terms", "[{name: dpo}, {name: sft, weight: 0.2}]"])
+    assert [term["name"] for term in combined.loss.params["terms"]] == ["dpo", "sft"]
+
+
+def test_loss_module_registers_before_validation(tmp_path: Path) -> None:
+    module = tmp_path / "my_losses.py"
+    module.write_text(
+        "from pydantic import Field\n"
+        "from pairopt.loss import LossConfig, LossOutput, PairLoss, register_loss\n"
+        "@register_loss('cfg_test_margin')\n"
+        "class Margin(PairLoss):\n"
+        "    '''Test loss.'''\n"
+        "    class Config(LossConfig):\n"
+        "        scale: float = Field(1.0, gt=0, description='scale')\n"
+        "    def compute(self, policy, reference):\n"
+        "        d = policy.chosen_logps - policy.rejected_logps\n"
+        "        return LossOutput(-self.config.scale * d, {})\n"
+    )
+    cfg = parse_train_args(["--loss-module", str(module), "--loss", "cfg_test_margin", "--loss.scale", "3"])
+    assert cfg.loss.module == str(module) and cfg.loss.params == {"scale": 3.0}
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path: Path) -> None:
+    cfg = parse_train_args(["--loss", "simpo", "--optim.batch_tokens", "4096", "--engine.share_prefix", "false"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(cfg.to_yaml())
+    again = load_config_file(saved)
+    assert again == cfg
+    assert yaml.safe_load(saved.read_text())["loss"]["name"] == "simpo"  # params flat beside the name
+    assert "params" not in yaml.safe_load(saved.read_text())["loss"]
+
+
+def test_resume_reads_the_runs_saved_config(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-000010").mkdir(parents=True)
+    (run / "config.yaml").write_text(parse_train_args(["--loss", "ipo", "--optim.lr", "3e-4"]).to_yaml())
+    cfg = parse_train_args(["--resume", str(run / "checkpoints" / "step-000010"), "--max-steps", "20"])
+    assert cfg.loss.name == "ipo" and cfg.optim.lr == 3e-4 and cfg.optim.max_steps == 20
+    assert cfg.output.dir == str(run) and cfg.checkpoint.resume == str(run / "checkpoints" / "step-000010")
+    bare = parse_train_args(["--loss", "dpo", "--output-dir", str(run), "--resume"])
+    assert bare.checkpoint.resume == "latest"
+
+
+def test_configs_are_frozen_and_strict() -> None:
+    cfg = parse_train_args(["--loss", "dpo"])
+    with pytest.raises(Exception, match="frozen"):
+        cfg.optim.lr = 1.0  # type: ignore[misc]
+    with pytest.raises(PairoptError, match="unknown key 'engine.shared'"):
+        validate_config({"loss": {"name": "dpo"}, "engine": {"shared": True}})
+
+
+def test_cross_field_rules() -> None:
+    with pytest.raises(PairoptError, match="batch_size"):
+        validate_config({"loss": {"name": "dpo"}, "optim": {"batch_size": None}})
+    with pytest.raises(PairoptError, match="betas"):
+        validate_config({"loss": {"name": "dpo"}, "optim": {"betas": [0.9, 1.5]}})
+
+
+def _every_option(model: type, prefix: str = "") -> list[str]:
+    from pydantic import BaseModel
+
+    from pairopt.config import LossSection, _model_in
+
+    out = []
+    for name, field in model.model_fields.items():  # type: ignore[attr-defined]
+        if model is LossSection:
+            continue
+        sub = _model_in(field.annotation)
+        if sub is not None and issubclass(sub, BaseModel):
+            out += _every_option(sub, f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+def test_help_and_docs_cover_every_field() -> None:
+    """The descriptions are written once: --help and docs/configuration.md are made from them."""
+    from pairopt.config import config_reference_markdown
+
+    text = help_text()
+    options = _every_option(TrainConfig)
+    assert len(options) > 50
+    for option in options:
+        assert f"--{option} " in text, option
+    docs = (REPO / "docs" / "configuration.md").read_text()
+    generated = config_reference_markdown()
+    assert generated in docs, "docs/configuration.md is stale: python -m pairopt.config > the reference part"
