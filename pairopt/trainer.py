@@ -41,6 +41,7 @@ from pairopt.config import TrainConfig, help_text, parse_train_args
 from pairopt.engine.compat import disable_dropout
 from pairopt.engine.forward import compute_logps
 from pairopt.errors import PairoptError
+from pairopt.models import load_causal_lm, resolve_path
 from pairopt.pairs import PairLogps, PreferencePair
 
 
@@ -134,6 +135,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         ),
         step_scheduler_with_optimizer=False,
     )
+    if accelerator.gradient_accumulation_steps != cfg.optim.grad_accum:
+        raise PairoptError(
+            f"the accelerate config sets gradient_accumulation_steps="
+            f"{accelerator.gradient_accumulation_steps} but optim.grad_accum is "
+            f"{cfg.optim.grad_accum}: make them equal (--optim.grad_accum "
+            f"{accelerator.gradient_accumulation_steps})."
+        )
     is_main, world, rank = (
         accelerator.is_main_process,
         accelerator.num_processes,
@@ -354,31 +362,11 @@ def _fresh_accelerate_state() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _resolve_path(name_or_path: str) -> str:
-    if name_or_path.startswith("builtin:"):
-        from pairopt.data import resolve_builtin
-
-        return str(resolve_builtin(name_or_path))
-    return (
-        str(Path(name_or_path).expanduser())
-        if Path(name_or_path).expanduser().exists()
-        else name_or_path
-    )
-
-
-def _has_weights(path: Path) -> bool:
-    return (
-        any(path.glob("*.safetensors"))
-        or any(path.glob("*.bin"))
-        or any(path.glob("*.safetensors.index.json"))
-    )
-
-
 def load_tokenizer(cfg: TrainConfig) -> Any:
     """The policy's tokenizer (a pad token is set to EOS when the tokenizer has none)."""
     from transformers import AutoTokenizer
 
-    path = _resolve_path(cfg.model.name_or_path)
+    path = resolve_path(cfg.model.name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
@@ -394,28 +382,14 @@ def load_tokenizer(cfg: TrainConfig) -> Any:
 
 def load_model(name_or_path: str, cfg: TrainConfig, *, seed: int) -> nn.Module:
     """A causal LM from the hub, a directory, or a config without weights (built under `seed`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = _resolve_path(name_or_path)
-    dtype: Any = "auto" if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype)
-    extra: dict[str, Any] = {"trust_remote_code": cfg.model.trust_remote_code}
-    if cfg.model.attn_implementation is not None:
-        extra["attn_implementation"] = cfg.model.attn_implementation
-    try:
-        if Path(path).is_dir() and not _has_weights(Path(path)):
-            config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                model = AutoModelForCausalLM.from_config(
-                    config, dtype=torch.float32 if dtype == "auto" else dtype, **extra
-                )
-        else:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, revision=cfg.model.revision, dtype=dtype, **extra
-            )
-    except (OSError, ValueError, KeyError) as err:
-        raise PairoptError(f"could not load model {name_or_path!r}: {err}") from None
-    return model
+    return load_causal_lm(
+        name_or_path,
+        dtype=cfg.model.dtype,
+        seed=seed,
+        revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation,
+    )
 
 
 def _hf(model: nn.Module) -> nn.Module:

@@ -22,8 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_defaults_need_only_a_loss() -> None:
     cfg = parse_train_args(["--loss", "dpo"])
-    assert cfg.loss.name == "dpo" and cfg.loss.params["beta"] == 0.1  # the plugin's default, filled in
-    assert cfg.model.name_or_path == "builtin:tiny-llama" and cfg.data.dataset == "builtin:tiny-prefs"
+    assert (
+        cfg.loss.name == "dpo" and cfg.loss.params["beta"] == 0.1
+    )  # the plugin's default, filled in
+    assert (
+        cfg.model.name_or_path == "builtin:tiny-llama" and cfg.data.dataset == "builtin:tiny-prefs"
+    )
     assert cfg.engine.share_prefix and cfg.engine.packing
 
 
@@ -40,7 +44,9 @@ def test_flags_override_yaml_override_defaults(tmp_path: Path) -> None:
     assert cfg.engine.share_prefix is False  # from the file, untouched by flags
     assert cfg.optim.grad_accum == 1  # default
     switched = parse_train_args(["--config", str(config), "--loss", "dpo"])
-    assert switched.loss.name == "dpo" and switched.loss.params["beta"] == 0.3  # file's params, new loss
+    assert (
+        switched.loss.name == "dpo" and switched.loss.params["beta"] == 0.3
+    )  # file's params, new loss
 
 
 @pytest.mark.parametrize(
@@ -56,12 +62,24 @@ def test_flags_override_yaml_override_defaults(tmp_path: Path) -> None:
         ("--optim.betas", "0.9,0.95", ("optim", "betas"), (0.9, 0.95)),
         ("--logging.report_to", "tensorboard", ("logging", "report_to"), ["tensorboard"]),
         ("--logging.report_to", "[]", ("logging", "report_to"), []),
-        ("--output.run_name", "123", ("output", "run_name"), "123"),  # a str field keeps digits as text
+        (
+            "--output.run_name",
+            "123",
+            ("output", "run_name"),
+            "123",
+        ),  # a str field keeps digits as text
         ("--output.run_name", "true", ("output", "run_name"), "true"),
-        ("--model.lora.target_modules", "q_proj,v_proj", ("model", "lora", "target_modules"), ["q_proj", "v_proj"]),
+        (
+            "--model.lora.target_modules",
+            "q_proj,v_proj",
+            ("model", "lora", "target_modules"),
+            ["q_proj", "v_proj"],
+        ),
     ],
 )
-def test_flag_values_are_coerced_by_field_type(flag: str, raw: str, path: tuple[str, ...], expected: object) -> None:
+def test_flag_values_are_coerced_by_field_type(
+    flag: str, raw: str, path: tuple[str, ...], expected: object
+) -> None:
     pytest.importorskip("peft") if "lora" in flag else None
     cfg = parse_train_args(["--loss", "dpo", flag, raw])
     value: object = cfg
@@ -76,9 +94,13 @@ def test_bare_boolean_flag_means_true() -> None:
 
 
 def test_loss_params_are_coerced_by_the_plugin_config() -> None:
-    cfg = parse_train_args(["--loss", "dpo", "--loss.beta", "0.25", "--loss.label_smoothing", "0.1"])
+    cfg = parse_train_args(
+        ["--loss", "dpo", "--loss.beta", "0.25", "--loss.label_smoothing", "0.1"]
+    )
     assert cfg.loss.params == {"beta": 0.25, "label_smoothing": 0.1}
-    combined = parse_train_args(["--loss", "combined", "--loss.terms", "[{name: dpo}, {name: sft, weight: 0.2}]"])
+    combined = parse_train_args(
+        ["--loss", "combined", "--loss.terms", "[{name: dpo}, {name: sft, weight: 0.2}]"]
+    )
     assert [term["name"] for term in combined.loss.params["terms"]] == ["dpo", "sft"]
 
 
@@ -96,27 +118,39 @@ def test_loss_module_registers_before_validation(tmp_path: Path) -> None:
         "        d = policy.chosen_logps - policy.rejected_logps\n"
         "        return LossOutput(-self.config.scale * d, {})\n"
     )
-    cfg = parse_train_args(["--loss-module", str(module), "--loss", "cfg_test_margin", "--loss.scale", "3"])
+    cfg = parse_train_args(
+        ["--loss-module", str(module), "--loss", "cfg_test_margin", "--loss.scale", "3"]
+    )
     assert cfg.loss.module == str(module) and cfg.loss.params == {"scale": 3.0}
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path: Path) -> None:
-    cfg = parse_train_args(["--loss", "simpo", "--optim.batch_tokens", "4096", "--engine.share_prefix", "false"])
+    cfg = parse_train_args(
+        ["--loss", "simpo", "--optim.batch_tokens", "4096", "--engine.share_prefix", "false"]
+    )
     saved = tmp_path / "config.yaml"
     saved.write_text(cfg.to_yaml())
     again = load_config_file(saved)
     assert again == cfg
-    assert yaml.safe_load(saved.read_text())["loss"]["name"] == "simpo"  # params flat beside the name
+    assert (
+        yaml.safe_load(saved.read_text())["loss"]["name"] == "simpo"
+    )  # params flat beside the name
     assert "params" not in yaml.safe_load(saved.read_text())["loss"]
 
 
 def test_resume_reads_the_runs_saved_config(tmp_path: Path) -> None:
     run = tmp_path / "run"
     (run / "checkpoints" / "step-000010").mkdir(parents=True)
-    (run / "config.yaml").write_text(parse_train_args(["--loss", "ipo", "--optim.lr", "3e-4"]).to_yaml())
-    cfg = parse_train_args(["--resume", str(run / "checkpoints" / "step-000010"), "--max-steps", "20"])
+    (run / "config.yaml").write_text(
+        parse_train_args(["--loss", "ipo", "--optim.lr", "3e-4"]).to_yaml()
+    )
+    cfg = parse_train_args(
+        ["--resume", str(run / "checkpoints" / "step-000010"), "--max-steps", "20"]
+    )
     assert cfg.loss.name == "ipo" and cfg.optim.lr == 3e-4 and cfg.optim.max_steps == 20
-    assert cfg.output.dir == str(run) and cfg.checkpoint.resume == str(run / "checkpoints" / "step-000010")
+    assert cfg.output.dir == str(run) and cfg.checkpoint.resume == str(
+        run / "checkpoints" / "step-000010"
+    )
     bare = parse_train_args(["--loss", "dpo", "--output-dir", str(run), "--resume"])
     assert bare.checkpoint.resume == "latest"
 
@@ -164,4 +198,24 @@ def test_help_and_docs_cover_every_field() -> None:
         assert f"--{option} " in text, option
     docs = (REPO / "docs" / "configuration.md").read_text()
     generated = config_reference_markdown()
-    assert generated in docs, "docs/configuration.md is stale: python -m pairopt.config > the reference part"
+    assert generated in docs, (
+        "docs/configuration.md is stale: python -m pairopt.config > the reference part"
+    )
+
+
+@pytest.mark.parametrize(
+    "example", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_example_configs_validate(example: Path) -> None:
+    """The shipped YAML files are valid configs (accelerate configs are checked for their keys)."""
+    data = yaml.safe_load(example.read_text())
+    if example.name.startswith("accelerate_"):
+        assert data["distributed_type"] in ("FSDP", "DEEPSPEED") and data["num_processes"] >= 1
+        return
+    if data.get("model", {}).get("lora") is not None:
+        pytest.importorskip("peft")
+    cfg = load_config_file(example)
+    assert (
+        cfg.model.name_or_path.startswith("Qwen/")
+        and cfg.data.dataset == "trl-lib/ultrafeedback_binarized"
+    )
