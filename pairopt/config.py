@@ -1,18 +1,12 @@
-"""The training configuration: pydantic sections, YAML files and command-line overrides.
+"""The training configuration: pydantic sections, validation and readable errors.
 
 `TrainConfig` is composed of one section per concern (model, data, loss, engine, reference,
 optim, eval, logging, checkpoint, output). Every field is frozen, bounded and described; the
 descriptions are the `pairopt train --help` text and docs/configuration.md (written once).
 
-Where a value comes from, lowest to highest precedence:
-
-    field defaults  <  the run's saved config.yaml (with --resume RUN)  <  --config f.yaml  <  flags
-
-Flags: shortcuts (`--loss dpo`, `--model ID`, `--dataset ID`, `--output-dir D`, `--max-steps N`,
-`--resume [DIR]`, `--loss-module M`, `--config F`) and a dotted override for every field
-(`--optim.lr 5e-4`, `--engine.share_prefix false`, `--model.lora.r 8`). Loss parameters live
-flat in the loss section, beside its name (`loss: {name: dpo, beta: 0.2}` in YAML,
-`--loss.beta 0.2` on the command line) and are validated by the plugin's own `Config`.
+YAML files and command-line flags are read by `pairopt/flags.py`. Loss parameters live flat in
+the loss section, beside its name (`loss: {name: dpo, beta: 0.2}`), and are validated by the
+plugin's own `Config`.
 
 Everything is checked here, before a model or dataset is loaded; a bad value becomes one
 `PairoptError` that names the field, the value, where it came from and what is allowed.
@@ -21,8 +15,6 @@ Everything is checked here, before a model or dataset is loaded; a bad value bec
 from __future__ import annotations
 
 import difflib
-import json
-import textwrap
 import types
 import typing
 from pathlib import Path
@@ -440,75 +432,6 @@ def _looks_like_path(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~", "."))
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-
-SHORTCUTS = {
-    "--loss": "loss.name",
-    "--model": "model.name_or_path",
-    "--dataset": "data.dataset",
-    "--output-dir": "output.dir",
-    "--max-steps": "optim.max_steps",
-    "--loss-module": "loss.module",
-    "--resume": "checkpoint.resume",
-}
-
-
-def parse_train_args(argv: list[str]) -> TrainConfig:
-    """argv (without the command) -> a validated TrainConfig. Raises PairoptError on bad input."""
-    flags = _split_flags(argv)
-    config_file = None
-    overrides: list[tuple[str, str | None, str]] = []  # (dotted key, raw value, the flag as typed)
-    for flag, raw in flags:
-        if flag == "--config":
-            if raw is None:
-                raise PairoptError("--config needs a YAML file: --config f.yaml")
-            config_file = raw
-            continue
-        key = SHORTCUTS.get(flag) or flag[2:]
-        overrides.append((key, raw, flag))
-
-    data: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    resume_flags = [raw or "latest" for key, raw, _ in overrides if key == "checkpoint.resume"]
-    resume = resume_flags[-1] if resume_flags else None
-    if resume is not None:
-        run_dir = _resume_run_dir(resume)
-        if run_dir is not None and (run_dir / "config.yaml").is_file():
-            saved = _read_yaml(run_dir / "config.yaml")
-            saved.setdefault("checkpoint", {})["resume"] = None
-            saved.setdefault("output", {})["dir"] = str(run_dir)
-            _merge(data, saved, sources, str(run_dir / "config.yaml"))
-    if config_file is not None:
-        _merge(data, _read_yaml(Path(config_file)), sources, config_file)
-
-    # Overrides are coerced by the type of the field they set; loss parameters by the plugin's
-    # Config, so the loss name (and --loss-module) must be known first.
-    for key, raw, flag in overrides:
-        if key in ("loss.name", "loss.module"):
-            _set(data, key, raw if raw is not None else "", sources, flag)
-    if resume is not None:
-        _set(data, "checkpoint.resume", resume, sources, "--resume")
-    loss_fields = _loss_fields(data.get("loss", {}))
-    for key, raw, flag in overrides:
-        if key in ("loss.name", "loss.module", "checkpoint.resume"):
-            continue
-        annotation = _annotation(key, loss_fields)
-        if annotation is _UNKNOWN:
-            raise PairoptError(_unknown_flag(flag, loss_fields))
-        _set(data, key, _coerce(raw, annotation, flag), sources, flag)
-
-    if "loss" not in data or "name" not in data["loss"]:
-        from pairopt.loss import available_losses
-
-        raise PairoptError(
-            f"no loss chosen: pass --loss NAME (or loss.name in a --config file). Available: "
-            f"{', '.join(available_losses())}."
-        )
-    return validate_config(data, sources)
-
-
 def validate_config(data: dict[str, Any], sources: dict[str, str] | None = None) -> TrainConfig:
     """dict -> TrainConfig, with pydantic's errors as one PairoptError naming field, value, source."""
     try:
@@ -519,52 +442,13 @@ def validate_config(data: dict[str, Any], sources: dict[str, str] | None = None)
 
 def load_config_file(path: str | Path, **overrides: Any) -> TrainConfig:
     """A YAML file (plus keyword overrides per section, e.g. optim={"lr": 1e-5}) -> TrainConfig."""
-    data = _read_yaml(Path(path))
+    data = read_yaml(Path(path))
     for section, values in overrides.items():
         data.setdefault(section, {}).update(values)
-    return validate_config(data, dict.fromkeys(_flat_keys(data), str(path)))
+    return validate_config(data, dict.fromkeys(flat_keys(data), str(path)))
 
 
-def _split_flags(argv: list[str]) -> list[tuple[str, str | None]]:
-    """`--key value`, `--key=value` and a bare `--key` (true for booleans, latest for --resume)."""
-    out: list[tuple[str, str | None]] = []
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        if not token.startswith("--") or token == "--":
-            raise PairoptError(
-                f"unexpected argument {token!r}: options are --key value (see pairopt train --help)"
-            )
-        if "=" in token:
-            flag, raw = token.split("=", 1)
-            out.append((flag, raw))
-            i += 1
-        elif i + 1 < len(argv) and not (argv[i + 1].startswith("--") and len(argv[i + 1]) > 2):
-            out.append((token, argv[i + 1]))
-            i += 2
-        else:
-            out.append((token, None))
-            i += 1
-    return out
-
-
-def _resume_run_dir(resume: str) -> Path | None:
-    """The run directory a --resume value points into (None for 'latest': output.dir decides)."""
-    if resume == "latest":
-        return None
-    path = Path(resume).expanduser()
-    if not path.exists():
-        raise PairoptError(
-            f"--resume {resume}: no such directory (give a run or checkpoint directory, or 'latest')"
-        )
-    if (path / "config.yaml").is_file():
-        return path
-    if path.parent.name == "checkpoints":
-        return path.parent.parent
-    return None
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise PairoptError(f"config file {str(path)!r} does not exist")
     try:
@@ -581,147 +465,26 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return loaded
 
 
-def _merge(data: dict[str, Any], new: dict[str, Any], sources: dict[str, str], source: str) -> None:
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            _merge(data[key], value, sources, source)
-        else:
-            data[key] = value
-    for key in _flat_keys(new):
-        sources[key] = source
-
-
-def _flat_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
+def flat_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
     keys = []
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         keys.append(dotted)
         if isinstance(value, dict):
-            keys += _flat_keys(value, dotted + ".")
+            keys += flat_keys(value, dotted + ".")
     return keys
 
 
-def _set(data: dict[str, Any], key: str, value: Any, sources: dict[str, str], flag: str) -> None:
-    parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[parts[-1]] = value
-    sources[key] = flag
-
-
-_UNKNOWN = object()
-
-
-def _loss_fields(loss: Any) -> dict[str, Any]:
-    """The loss plugin's parameter annotations, if the name (and module) resolve; else {}."""
-    if not isinstance(loss, dict) or not isinstance(loss.get("name"), str):
-        return {}
-    from pairopt.loss import get_loss_class, load_loss_module
-
-    if loss.get("module"):
-        load_loss_module(str(loss["module"]))
-    try:
-        cls = get_loss_class(loss["name"])
-    except PairoptError:
-        return {}
-    return {name: field.annotation for name, field in cls.Config.model_fields.items()}
-
-
-def _annotation(key: str, loss_fields: dict[str, Any]) -> Any:
-    """The type annotation of a dotted field, or _UNKNOWN."""
-    parts = key.split(".")
-    if parts[0] == "loss" and len(parts) == 2 and parts[1] in loss_fields:
-        return loss_fields[parts[1]]
-    model: Any = TrainConfig
-    annotation: Any = _UNKNOWN
-    for i, part in enumerate(parts):
-        if (
-            model is None
-            or part not in model.model_fields
-            or (model is LossSection and part == "params")
-        ):
-            return _UNKNOWN
-        annotation = model.model_fields[part].annotation
-        model = _model_in(annotation)
-        if i < len(parts) - 1 and model is None:
-            return _UNKNOWN
-    return annotation
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    candidates = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+def model_in(annotation: Any) -> type[BaseModel] | None:
+    candidates = typing.get_args(annotation) if is_union(annotation) else (annotation,)
     for candidate in candidates:
         if isinstance(candidate, type) and issubclass(candidate, BaseModel):
             return candidate
     return None
 
 
-def _is_union(annotation: Any) -> bool:
+def is_union(annotation: Any) -> bool:
     return typing.get_origin(annotation) in (typing.Union, types.UnionType)
-
-
-def _wants_string(annotation: Any) -> bool:
-    if annotation in (str, Path):
-        return True
-    if typing.get_origin(annotation) is Literal:
-        return all(isinstance(arg, str) for arg in typing.get_args(annotation))
-    if _is_union(annotation):
-        return any(
-            _wants_string(arg) for arg in typing.get_args(annotation) if arg is not type(None)
-        )
-    return False
-
-
-def _coerce(raw: str | None, annotation: Any, flag: str) -> Any:
-    """A command-line string -> the value for a field of this type."""
-    if raw is None:
-        if annotation is bool or (_is_union(annotation) and bool in typing.get_args(annotation)):
-            return True
-        raise PairoptError(f"{flag} needs a value ({flag} VALUE)")
-    if raw.lower() in ("null", "none", "~") and (
-        _is_union(annotation) and type(None) in typing.get_args(annotation)
-    ):
-        return None
-    if _wants_string(annotation):
-        return raw
-    origin = typing.get_origin(annotation)
-    wants_list = origin in (list, tuple) or (
-        _is_union(annotation)
-        and any(typing.get_origin(a) in (list, tuple) for a in typing.get_args(annotation))
-    )
-    if wants_list and not raw.lstrip().startswith("["):
-        return [part.strip() for part in raw.split(",") if part.strip()]
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-
-
-def _all_keys(loss_fields: dict[str, Any]) -> list[str]:
-    keys = [f"loss.{name}" for name in loss_fields] + ["loss.name", "loss.module"]
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            if model is LossSection:
-                continue
-            sub = _model_in(field.annotation)
-            if sub is None:
-                keys.append(prefix + name)
-            else:
-                walk(sub, f"{prefix}{name}.")
-
-    walk(TrainConfig, "")
-    return keys
-
-
-def _unknown_flag(flag: str, loss_fields: dict[str, Any]) -> str:
-    candidates = [f"--{key}" for key in _all_keys(loss_fields)] + [*SHORTCUTS, "--config"]
-    close = difflib.get_close_matches(flag, candidates, n=3, cutoff=0.6)
-    hint = f" Did you mean {' or '.join(close)}?" if close else ""
-    return f"unknown option {flag}.{hint} See pairopt train --help for every option."
 
 
 def _describe(err: pydantic.ValidationError, sources: dict[str, str]) -> str:
@@ -768,7 +531,7 @@ def _section_model(loc: list[str]) -> type[BaseModel] | None:
     for part in loc:
         if model is None or part not in model.model_fields:
             return None
-        model = _model_in(model.model_fields[part].annotation)
+        model = model_in(model.model_fields[part].annotation)
     return model
 
 
@@ -779,102 +542,3 @@ def _description(loc: list[str]) -> str | None:
     if model is None or loc[-1] not in model.model_fields:
         return None
     return model.model_fields[loc[-1]].description
-
-
-def help_text() -> str:
-    """`pairopt train --help`: every option, generated from the field descriptions."""
-    lines = [
-        "usage: pairopt train --loss NAME [--config f.yaml] [--model ID_OR_PATH] [--dataset ID_OR_PATH]",
-        "                     [--output-dir DIR] [--max-steps N] [--resume [DIR]] [--loss-module M]",
-        "                     [--SECTION.FIELD VALUE ...]",
-        "",
-        "Train a causal LM on preference pairs. Values come from the defaults, then --config, then flags.",
-        "Loss parameters are --loss.PARAM VALUE (see `pairopt losses` for each loss's parameters).",
-        "",
-        "shortcuts:",
-        "  --config FILE        YAML file with any of the sections below",
-    ]
-    lines += [f"  {flag:<20} = --{key}" for flag, key in SHORTCUTS.items()]
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            if model is LossSection and name == "params":
-                continue
-            sub = _model_in(field.annotation)
-            if sub is not None and model is not TrainConfig:
-                walk(sub, f"{prefix}{name}.")
-                continue
-            if sub is not None:
-                lines.extend(["", f"{name}: {field.description or sub.__doc__ or ''}".rstrip()])
-                walk(sub, f"{prefix}{name}.")
-                continue
-            default = (
-                "(required)"
-                if field.is_required()
-                else repr(field.get_default(call_default_factory=True))
-            )
-            lines.append(f"  --{prefix}{name} [{_type_name(field.annotation)}, default {default}]")
-            lines.extend(
-                textwrap.wrap(
-                    field.description or "",
-                    width=96,
-                    initial_indent="      ",
-                    subsequent_indent="      ",
-                )
-            )
-
-    walk(TrainConfig, "")
-    return "\n".join(lines)
-
-
-def _type_name(annotation: Any) -> str:
-    if typing.get_origin(annotation) is Literal:
-        return "|".join(str(arg) for arg in typing.get_args(annotation))
-    if _is_union(annotation):
-        return " or ".join(_type_name(arg) for arg in typing.get_args(annotation))
-    if annotation is type(None):
-        return "null"
-    if isinstance(annotation, type) and not typing.get_args(annotation):
-        return annotation.__name__
-    return str(annotation).replace("typing.", "")
-
-
-def config_reference_markdown() -> str:
-    """The option tables of docs/configuration.md, made from the field descriptions."""
-    lines: list[str] = []
-
-    def rows(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            if model is LossSection and name == "params":
-                continue
-            sub = _model_in(field.annotation)
-            if sub is not None:
-                rows(sub, f"{prefix}{name}.")
-                continue
-            default = (
-                "required"
-                if field.is_required()
-                else f"`{_yaml_value(field.get_default(call_default_factory=True))}`"
-            )
-            kind = _type_name(field.annotation).replace("|", " \\| ")
-            description = (field.description or "").replace("|", "\\|")
-            lines.append(f"| `{prefix}{name}` | {kind} | {default} | {description} |")
-
-    for name, field in TrainConfig.model_fields.items():
-        section = _model_in(field.annotation)
-        assert section is not None
-        lines += ["", f"### `{name}`: {field.description or section.__doc__}", ""]
-        lines += ["| option | type | default | description |", "|---|---|---|---|"]
-        rows(section, f"{name}.")
-    return "\n".join(lines).strip() + "\n"
-
-
-def _yaml_value(value: Any) -> str:
-    """A default as it is written in YAML (null, true, [0.9, 0.999], builtin:tiny-llama)."""
-    if isinstance(value, str):
-        return value
-    return json.dumps(list(value) if isinstance(value, tuple) else value)
-
-
-if __name__ == "__main__":
-    print(config_reference_markdown(), end="")

@@ -17,6 +17,7 @@ uses none for reference-free losses.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -28,6 +29,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from pairopt.config import TrainConfig
+from pairopt.engine.compat import disable_dropout
 from pairopt.engine.forward import compute_logps
 from pairopt.pairs import PairLogps, PreferencePair
 
@@ -242,3 +245,109 @@ def precompute(
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing and placing the reference (called by the trainer)
+# ---------------------------------------------------------------------------------------------
+
+
+class LazyAdapter:
+    """The adapter strategy needs the PEFT model, which exists only after LoRA is applied."""
+
+    def bind(self, policy: nn.Module, engine_kwargs: dict[str, Any], autocast: Any) -> Any:
+        return AdapterReference(policy, engine_kwargs, autocast)
+
+
+def setup_reference(
+    cfg: TrainConfig,
+    loss_fn: Any,
+    policy: nn.Module,
+    accelerator: Any,
+    engine_kwargs: dict[str, Any],
+    splits: dict[str, Any],
+    rows_to_pairs: Any,
+) -> tuple[Any, str, bool | None]:
+    """(reference or None, a line for the console, cache hit or None). Reads the loss's flag."""
+    if not loss_fn.requires_reference:
+        return None, f"none (loss {cfg.loss.name!r} is reference-free)", None
+    strategy = cfg.reference.strategy
+    if strategy == "auto":
+        strategy = "adapter" if cfg.model.lora is not None else "copy"
+    if strategy == "adapter":
+        return LazyAdapter(), "the policy with its LoRA adapter disabled", None
+
+    def reference_model() -> nn.Module:
+        from pairopt.policy import load_model
+
+        if cfg.reference.name_or_path is not None:
+            model = load_model(cfg.reference.name_or_path, cfg, seed=cfg.optim.seed)
+        else:
+            model = copy.deepcopy(policy)
+        disable_dropout(model)
+        return model.requires_grad_(False).eval()
+
+    if strategy == "copy":
+        model = place_reference(reference_model(), accelerator)
+        source = cfg.reference.name_or_path or "the policy's initial weights"
+        return (
+            LiveReference(model, engine_kwargs, accelerator.autocast),
+            f"frozen copy of {source}, run live",
+            None,
+        )
+
+    # precompute: the key needs the reference's weights; the policy's own initial weights serve
+    # when no other reference is named, so a cache hit loads nothing.
+    named = cfg.reference.name_or_path is not None
+    model_for_key = reference_model() if named else policy
+    active = {name: ds for name, ds in splits.items() if ds is not None}
+    key = cache_key(
+        model_fingerprint(model_for_key),
+        {name: dataset_fingerprint(ds) for name, ds in active.items()},
+        engine_kwargs,
+        f"{cfg.model.dtype}/{cfg.optim.precision}",
+    )
+    cache_dir = (
+        Path(cfg.reference.cache_dir).expanduser()
+        if cfg.reference.cache_dir
+        else default_cache_dir()
+    )
+    original_device = next(policy.parameters()).device
+    runner = model_for_key.to(accelerator.device)
+    table = precompute(
+        runner,
+        active,
+        rows_to_pairs=rows_to_pairs,
+        engine_kwargs=engine_kwargs,
+        cache_dir=cache_dir,
+        key=key,
+        batch_size=cfg.eval.batch_size,
+        accelerator=accelerator,
+        autocast=accelerator.autocast,
+    )
+    if not named:
+        policy.to(original_device)
+    verb = "read from cache" if table.hit else "computed and cached"
+    return table, f"precomputed log-probs, {verb} ({table.path})", table.hit
+
+
+def place_reference(model: nn.Module, accelerator: Any) -> nn.Module:
+    """Place the frozen reference: sharded by DeepSpeed ZeRO-3, else whole on each device."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        import deepspeed
+
+        plugin = accelerator.state.deepspeed_plugin
+        config = copy.deepcopy(plugin.deepspeed_config)
+        if config.get("zero_optimization", {}).get("stage") != 3:
+            config["zero_optimization"] = {"stage": 0}  # ZeRO-1/2 shard optimiser state only
+        config.pop("optimizer", None)
+        config.pop("scheduler", None)
+        for key, value in list(config.items()):
+            if value == "auto":
+                config.pop(key)
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()
+        return engine
+    return accelerator.prepare_model(model, evaluation_mode=True)

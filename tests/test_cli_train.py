@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from train_fixtures import make_tiny_model_dir
 
+import pairopt.policy
 import pairopt.trainer
 from pairopt.cli import main as cli
 
@@ -22,6 +23,7 @@ def nothing_loads(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("a model/tokenizer/dataset was loaded before the input was validated")
 
     monkeypatch.setattr(pairopt.trainer, "load_model", refuse)
+    monkeypatch.setattr(pairopt.policy, "load_causal_lm", refuse)
     monkeypatch.setattr(pairopt.trainer, "load_tokenizer", refuse)
     monkeypatch.setattr("pairopt.data.load_preference_data", refuse)
 

@@ -8,14 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pairopt.config import (
-    TrainConfig,
-    help_text,
-    load_config_file,
-    parse_train_args,
-    validate_config,
-)
+from pairopt.config import TrainConfig, load_config_file, validate_config
 from pairopt.errors import PairoptError
+from pairopt.flags import config_reference_markdown, help_text, parse_train_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -159,7 +154,7 @@ def test_configs_are_frozen_and_strict() -> None:
     cfg = parse_train_args(["--loss", "dpo"])
     with pytest.raises(Exception, match="frozen"):
         cfg.optim.lr = 1.0  # type: ignore[misc]
-    with pytest.raises(PairoptError, match="unknown key 'engine.shared'"):
+    with pytest.raises(PairoptError, match=r"unknown key 'engine\.shared'"):
         validate_config({"loss": {"name": "dpo"}, "engine": {"shared": True}})
 
 
@@ -173,13 +168,13 @@ def test_cross_field_rules() -> None:
 def _every_option(model: type, prefix: str = "") -> list[str]:
     from pydantic import BaseModel
 
-    from pairopt.config import LossSection, _model_in
+    from pairopt.config import LossSection, model_in
 
     out = []
     for name, field in model.model_fields.items():  # type: ignore[attr-defined]
         if model is LossSection:
             continue
-        sub = _model_in(field.annotation)
+        sub = model_in(field.annotation)
         if sub is not None and issubclass(sub, BaseModel):
             out += _every_option(sub, f"{prefix}{name}.")
         else:
@@ -189,8 +184,6 @@ def _every_option(model: type, prefix: str = "") -> list[str]:
 
 def test_help_and_docs_cover_every_field() -> None:
     """The descriptions are written once: --help and docs/configuration.md are made from them."""
-    from pairopt.config import config_reference_markdown
-
     text = help_text()
     options = _every_option(TrainConfig)
     assert len(options) > 50
@@ -199,7 +192,7 @@ def test_help_and_docs_cover_every_field() -> None:
     docs = (REPO / "docs" / "configuration.md").read_text()
     generated = config_reference_markdown()
     assert generated in docs, (
-        "docs/configuration.md is stale: python -m pairopt.config > the reference part"
+        "docs/configuration.md is stale: python -m pairopt.flags > the reference part"
     )
 
 
@@ -219,3 +212,17 @@ def test_example_configs_validate(example: Path) -> None:
         cfg.model.name_or_path.startswith("Qwen/")
         and cfg.data.dataset == "trl-lib/ultrafeedback_binarized"
     )
+
+
+def test_tiny_run_preset_applies_only_to_the_shipped_model(tmp_path: Path) -> None:
+    from pairopt.flags import TINY_RUN_PRESET
+
+    tiny = parse_train_args(["--loss", "dpo"])
+    assert (
+        tiny.optim.lr == TINY_RUN_PRESET["optim"]["lr"] and tiny.reference.strategy == "precompute"
+    )
+    assert parse_train_args(["--loss", "dpo", "--optim.lr", "3e-3"]).optim.lr == 3e-3  # flags win
+    other = tmp_path / "model"
+    other.mkdir()
+    hub_like = parse_train_args(["--loss", "dpo", "--model", str(other)])
+    assert hub_like.optim.lr == 5e-6 and hub_like.reference.strategy == "auto"  # field defaults

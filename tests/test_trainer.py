@@ -20,7 +20,9 @@ from train_fixtures import make_tiny_model_dir, params, tiny_config
 from transformers import AutoModelForCausalLM
 
 from pairopt.loss import available_losses, get_loss_class
-from pairopt.trainer import BatchPlan, TrainResult, load_model, train
+from pairopt.policy import load_model
+from pairopt.schedule import BatchPlan
+from pairopt.trainer import TrainResult, train
 
 # Losses whose Config has required fields, and a valid value for them (a new plugin with
 # required parameters must add itself here, or its test fails loudly).

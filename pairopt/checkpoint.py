@@ -1,0 +1,100 @@
+"""The run directory: its name, checkpoints (accelerate.save_state) and the final model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from pairopt.config import TrainConfig
+from pairopt.errors import PairoptError
+
+
+def save_checkpoint(
+    accelerator: Any, output: Path, step: int, train_fp: str, cfg: TrainConfig
+) -> None:
+    """accelerate.save_state (model, optimiser, RNG, scheduler, loss state) + trainer_state.json."""
+    directory = output / "checkpoints" / f"step-{step:06d}"
+    accelerator.save_state(str(directory))
+    if accelerator.is_main_process:
+        (directory / "trainer_state.json").write_text(
+            json.dumps({"step": step, "train_fingerprint": train_fp})
+        )
+        if cfg.checkpoint.keep_last is not None:
+            for old in list_checkpoints(output)[: -cfg.checkpoint.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def list_checkpoints(output: Path) -> list[Path]:
+    root = output / "checkpoints"
+    found = (
+        [p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()]
+        if root.is_dir()
+        else []
+    )
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def find_checkpoint(resume: str, output: Path) -> Path:
+    """--resume value -> a checkpoint directory (checked before anything is loaded)."""
+    if resume == "latest":
+        found = list_checkpoints(output)
+        if not found:
+            raise PairoptError(
+                f"--resume: no checkpoint in {output / 'checkpoints'} (set --output-dir to the run to resume)"
+            )
+        return found[-1]
+    path = Path(resume).expanduser()
+    if (path / "trainer_state.json").is_file():
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise PairoptError(
+            f"--resume {resume}: neither a checkpoint (no trainer_state.json) nor a run with checkpoints/"
+        )
+    return found[-1]
+
+
+def output_dir(cfg: TrainConfig) -> str:
+    if cfg.output.dir:
+        return str(Path(cfg.output.dir).expanduser())
+    model = cfg.model.name_or_path.removeprefix("builtin:").rstrip("/").split("/")[-1]
+    name = cfg.output.run_name or f"{cfg.loss.name}-{model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return str(Path("pairopt-output") / name)
+
+
+def check_output_dir(output: Path, *, resuming: bool) -> None:
+    if not resuming and (output / "config.yaml").exists():
+        raise PairoptError(
+            f"output directory {output} already holds a run (config.yaml): pass --resume to continue "
+            "it, or choose another --output-dir."
+        )
+
+
+def save_final(
+    accelerator: Any, wrapped: Any, tokenizer: Any, cfg: TrainConfig, output: Path
+) -> nn.Module:
+    """save_pretrained the policy (merged when LoRA) and the tokenizer into the output dir."""
+    accelerator.wait_for_everyone()
+    module = accelerator.unwrap_model(wrapped)
+    model = module.model
+    if not cfg.output.save_final:
+        return model
+    state = accelerator.get_state_dict(wrapped)
+    if accelerator.is_main_process:
+        state = {key.removeprefix("model."): value for key, value in state.items()}
+        if cfg.model.lora is not None:
+            model.save_pretrained(output / "adapter")
+            if cfg.output.merge_lora:
+                model = model.merge_and_unload()
+                model.save_pretrained(output)
+        else:
+            model.save_pretrained(output, state_dict=state)
+        tokenizer.save_pretrained(output)
+    accelerator.wait_for_everyone()
+    return model
