@@ -13,10 +13,10 @@ registered under a name without "flash" in it: transformers 5.x tries to fetch a
 such names. Its kernel is flash-attn's `flash_attn_varlen_func` when installed, else torch's
 `varlen_attn` on CUDA, else a pure-torch emulation (CPU; tests the plan end to end).
 
-`backend="auto"` rule (documented in docs/engine.md): on CUDA, `varlen` when flash-attn is
-installed (fastest measured kernel family, no masked blocks computed), else `flex` when the
-model supports it, else `sdpa`; on the CPU, `sdpa`, or `eager` for models without an sdpa path
-(Gemma2's softcap). FlexAttention has no backward on the CPU.
+`backend="auto"` rule (`auto_backend`; measurements in docs/benchmarks.md): `varlen` where a
+kernel computes only the visible blocks (CUDA in half precision with flash-attn or torch's
+varlen_attn; the CPU unless a softcap or sliding window needs the slow emulation), else `flex`
+on CUDA, else `sdpa`, else `eager` (Gemma2's softcap). FlexAttention has no backward on the CPU.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pairopt.engine.layout import Layout
@@ -60,6 +62,56 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _torch_varlen_available() -> bool:
+    """torch's own varlen kernel (CUDA), with the `window_size` argument (torch >= 2.10)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return False
+    return "window_size" in inspect.signature(varlen_attn).parameters
+
+
+def _needs_emulation(model: nn.Module) -> bool:
+    """True when the varlen path would fall back to the slow pure-torch emulation on the CPU:
+    a softcap (Gemma2) or a sliding window in effect on some layer."""
+    config: Any = model.config
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return True
+    if getattr(config, "sliding_window", None) is None:
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    return layer_types is None or "sliding_attention" in layer_types
+
+
+def auto_backend(model: nn.Module) -> str:
+    """The rule behind backend="auto" (measurements: docs/benchmarks.md).
+
+    varlen, where a kernel computes only the visible blocks (each response's queries against
+    [prompt ; own] keys) and the model routes attention through transformers' interface:
+      - CUDA with half-precision weights and flash-attn installed or torch's varlen_attn
+        (flash kernels need fp16/bf16; torch's takes no softcap);
+      - the CPU without softcap or sliding window (one fused sdpa call per block; measured
+        1.3-2.5x faster than the dense mask on packed rows, whose cost grows with L^2 however
+        much of the row is masked).
+    Else flex on CUDA (block-sparse, compiled), else sdpa, else eager.
+    """
+    device = _device(model)
+    dtype = next(model.parameters()).dtype
+    routed = getattr(model, "_supports_attention_backend", False)
+    config: Any = model.config
+    softcap = getattr(config, "attn_logit_softcapping", None) is not None
+    if device.type == "cuda":
+        half = dtype in (torch.float16, torch.bfloat16)
+        kernel = flash_attn_available() or (_torch_varlen_available() and not softcap)
+        if routed and half and kernel:
+            return "varlen"
+        if getattr(model, "_supports_flex_attn", False):
+            return "flex"
+    elif routed and not _needs_emulation(model):
+        return "varlen"
+    return "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
+
+
 def resolve_backend(model: nn.Module, backend: str) -> str:
     """Turn "auto" into a concrete backend and check that the choice can run here."""
     if backend not in (*BACKENDS, "auto"):
@@ -68,12 +120,7 @@ def resolve_backend(model: nn.Module, backend: str) -> str:
         )
     cuda = _device(model).type == "cuda"
     if backend == "auto":
-        if cuda and flash_attn_available():
-            chosen = "varlen"
-        elif cuda and getattr(model, "_supports_flex_attn", False):
-            chosen = "flex"
-        else:
-            chosen = "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
+        chosen = auto_backend(model)
         if getattr(model, "_pairopt_auto_backend", None) != chosen:
             logger.info("pairopt: backend='auto' chose %r for %s", chosen, type(model).__name__)
             model._pairopt_auto_backend = chosen  # type: ignore[assignment]  # log once per model
@@ -108,7 +155,13 @@ def model_inputs(model: nn.Module, layout: Layout, backend: str) -> dict[str, An
     window = getattr(config, "sliding_window", None)
     if backend == "varlen":
         plan = varlen_plan(layout).to(layout.input_ids.device)
-        return {"attention_mask": None, "pairopt_varlen_plan": plan}
+        # An empty 4D tensor: transformers returns any 4D mask unchanged, so it builds none
+        # (the plan is the mask); the varlen function ignores it.
+        empty = layout.input_ids.new_zeros((layout.shape[0], 1, 0, 0), dtype=torch.bool)
+        inputs = {"attention_mask": empty, "pairopt_varlen_plan": plan}
+        if plan.q_index.device.type == "cpu":
+            inputs["pairopt_cpu_schedule"] = cpu_schedule(plan)
+        return inputs
     if backend == "sdpa":
         mask = layer_masks(layer_types, window, lambda w: sdpa_mask(layout, w))
     elif backend == "eager":
@@ -207,6 +260,106 @@ def _kernel(
     return varlen_emulation(q, k, v, plan.cu_seqlens_q, plan.cu_seqlens_k, scale, window, softcap)
 
 
+@dataclass
+class CpuSchedule:
+    """How the CPU walks a VarlenPlan: fewer, cheaper blocks, the same numbers.
+
+    The CPU has no bottom-right causal kernel that skips masked work: a (Q, K) block with an
+    explicit mask costs Q * K, while `is_causal=True` on a square block skips its upper triangle.
+    So, per plan block (flat token indices; queries are the last tokens of the keys):
+    - a prompt block followed by its first response ([prompt ; own] keys) merge into one square
+      causal block over [prompt ; own]: exactly the prompt's and that response's attention;
+    - a later response (Q queries, K = P + Q keys) runs as a square causal block over all K
+      positions, keeping the last Q rows, when its prompt is shorter than it (waste P^2 / 2 < Q^2 / 2);
+      else with an explicit bottom-right mask (waste Q^2 / 2);
+    - any other block (padding) is square causal as it stands.
+    Concatenating the kept rows gives the outputs in the plan's q_index order.
+    """
+
+    q_src: torch.Tensor  # (sum q_sizes,) flat indices of every block's queries
+    k_src: torch.Tensor  # (sum k_sizes,) flat indices of every block's keys
+    q_sizes: list[int]
+    k_sizes: list[int]
+    keep: list[int]  # rows kept: the last `keep` query rows of each block
+    masked: list[bool]  # explicit bottom-right mask, else is_causal on a square block
+
+    def to(self, device: torch.device | str) -> CpuSchedule:
+        return CpuSchedule(
+            self.q_src.to(device),
+            self.k_src.to(device),
+            self.q_sizes,
+            self.k_sizes,
+            self.keep,
+            self.masked,
+        )
+
+
+def cpu_schedule(plan: VarlenPlan) -> CpuSchedule:
+    """Derive the CPU schedule from a plan (Python over the plan's indices, once per batch)."""
+    cq, ck = plan.cu_seqlens_q.tolist(), plan.cu_seqlens_k.tolist()
+    qi, ki = plan.q_index.tolist(), plan.kv_index.tolist()
+    blocks = [(qi[cq[j] : cq[j + 1]], ki[ck[j] : ck[j + 1]]) for j in range(len(cq) - 1)]
+    q_src: list[int] = []
+    k_src: list[int] = []
+    sched = CpuSchedule(torch.empty(0), torch.empty(0), [], [], [], [])
+
+    def add(queries: list[int], keys: list[int], keep: int, masked: bool) -> None:
+        q_src.extend(queries)
+        k_src.extend(keys)
+        sched.q_sizes.append(len(queries))
+        sched.k_sizes.append(len(keys))
+        sched.keep.append(keep)
+        sched.masked.append(masked)
+
+    j = 0
+    while j < len(blocks):
+        q, k = blocks[j]
+        if q == k and j + 1 < len(blocks):
+            q2, k2 = blocks[j + 1]
+            if len(k2) == len(k) + len(q2) and k2[: len(k)] == k and k2[len(k) :] == q2:
+                add(k2, k2, len(k2), False)  # prompt + first response, one square block
+                j += 2
+                continue
+        Q, K = len(q), len(k)
+        if Q == K or (K - Q < Q and k[K - Q :] == q):
+            add(k, k, Q, False)  # square causal, keep the last Q rows
+        else:
+            add(q, k, Q, True)
+        j += 1
+    sched.q_src = torch.tensor(q_src, dtype=torch.long)
+    sched.k_src = torch.tensor(k_src, dtype=torch.long)
+    return sched
+
+
+def cpu_blocks_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sched: CpuSchedule, scale: float
+) -> torch.Tensor:
+    """Run a schedule: q (sum q_sizes, H, D) gathered at q_src, k/v (sum k_sizes, H, D) at
+    k_src, heads repeated for GQA -> (B*L, H, D) in the plan's q_index order. One fused
+    `scaled_dot_product_attention` call per block; no window, no softcap (the emulation does
+    those). Naive equivalent: `varlen_emulation` on the plan."""
+    out = []
+    # One split per tensor, not a slice per block: the backward of a split is one cat, while
+    # each slice's backward would allocate and add a zero tensor of the full size.
+    blocks = zip(
+        q.split(sched.q_sizes), k.split(sched.k_sizes), v.split(sched.k_sizes), strict=True
+    )
+    for (q_QHD, k_KHD, v_KHD), keep, masked in zip(blocks, sched.keep, sched.masked, strict=True):
+        qb = q_QHD.transpose(0, 1)[None]  # (1, H, Q, D)
+        kb = k_KHD.transpose(0, 1)[None]  # (1, H, K, D)
+        vb = v_KHD.transpose(0, 1)[None]
+        Q, K = qb.shape[2], kb.shape[2]
+        if masked:
+            i = torch.arange(Q, device=q.device)[:, None]
+            x = torch.arange(K, device=q.device)[None, :]
+            allowed = x <= i + (K - Q)  # (Q, K) bottom-right aligned causal
+            ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed, scale=scale)
+        else:
+            ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale)
+        out.append(ob[0, :, Q - keep :].transpose(0, 1))  # (keep, H, D)
+    return torch.cat(out)
+
+
 def varlen_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -217,6 +370,7 @@ def varlen_attention(
     dropout: float = 0.0,
     *,
     pairopt_varlen_plan: VarlenPlan | None = None,
+    pairopt_cpu_schedule: CpuSchedule | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
     **kwargs: Any,
@@ -225,14 +379,34 @@ def varlen_attention(
     (B, L, Hq, D). Gathers tokens per the plan, runs the varlen kernel, scatters back."""
     plan = pairopt_varlen_plan
     if plan is None:
-        raise PairoptError(
-            "the pairopt_varlen attention needs a plan: call it through pairopt.compute_logps."
+        # A plain model call after compute_logps left the model on this implementation
+        # (generation, evaluation, another library's trainer): behave as sdpa does, with the
+        # sdpa mask transformers built for this name (see register_varlen).
+        if softcap is not None:
+            raise PairoptError(
+                "this model has an attention softcap, which sdpa cannot apply: call "
+                "model.set_attn_implementation('eager') before using it outside pairopt."
+            )
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     if dropout:
         raise PairoptError("attention dropout is not supported by the shared forward.")
     B, Hq, L, D = query.shape
     Hkv = key.shape[1]
     scale = D**-0.5 if scaling is None else scaling
+    sched = pairopt_cpu_schedule
+    if sched is not None and not query.is_cuda and sliding_window is None and softcap is None:
+        q = query.transpose(1, 2).reshape(B * L, Hq, D)[sched.q_src]  # (sum q_sizes, Hq, D)
+        k = key.transpose(1, 2).reshape(B * L, Hkv, D)[sched.k_src]  # (sum k_sizes, Hkv, D)
+        v = value.transpose(1, 2).reshape(B * L, Hkv, D)[sched.k_src]
+        if Hq != Hkv:
+            k, v = k.repeat_interleave(Hq // Hkv, dim=1), v.repeat_interleave(Hq // Hkv, dim=1)
+        out = cpu_blocks_attention(q, k, v, sched, scale)  # (B*L, Hq, D) in q_index order
+        result = torch.empty_like(out).index_copy(0, plan.q_index, out)
+        return result.view(B, L, Hq, D), None
     q = query.transpose(1, 2).reshape(B * L, Hq, D)[plan.q_index]  # (B*L, Hq, D) permuted
     k = key.transpose(1, 2).reshape(B * L, Hkv, D)[plan.kv_index]  # (K_total, Hkv, D)
     v = value.transpose(1, 2).reshape(B * L, Hkv, D)[plan.kv_index]
@@ -242,9 +416,13 @@ def varlen_attention(
 
 
 def register_varlen() -> None:
-    """Register the varlen function with transformers, once. No mask function is registered
-    for the name on purpose: transformers then builds no mask at all (the plan is the mask)."""
+    """Register the varlen function with transformers, once, with sdpa's mask function: a plain
+    model call then gets the usual sdpa mask and the sdpa path. compute_logps passes an empty
+    4D mask instead, which transformers hands through untouched, so no mask is built there."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     if VARLEN_NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(VARLEN_NAME, varlen_attention)
+    if VARLEN_NAME not in AttentionMaskInterface._global_mapping:
+        AttentionMaskInterface.register(VARLEN_NAME, sdpa_mask)

@@ -1,0 +1,569 @@
+"""`pairopt bench`: shared vs unshared, padded vs packed, side by side in one process.
+
+Modes, all through `compute_logps` on the same model and the same batches (DESIGN.md §6):
+
+    unshared-padded   one [prompt | response] segment per row, rows padded (the classic way)
+    unshared-packed   the same segments bin-packed into rows (sharing off, packed)
+    shared            one [prompt | chosen | rejected] segment per row, padded
+    shared-packed     shared segments bin-packed (pairopt's default)
+
+Ideal speed-up of sharing = unshared tokens / shared tokens = sum(2P + C + R) / sum(P + C + R)
+over the measured pairs. The speed-up of a mode over a baseline is the baseline's step time over
+the mode's, on the same pairs; the *fraction of the ideal* is the speed-up over the best unshared
+mode divided by the ideal. A step is `compute_logps` (layout building included), a reference-free
+DPO loss and `backward()`; no optimiser step (it costs the same in every mode).
+
+Rounds interleave the modes (each round runs every mode once, on the same batch, in a rotating
+order), so load from other processes falls on every mode alike; step times are medians over
+rounds. Peak memory is what torch allocates during one step above what was allocated before it:
+`torch.cuda.max_memory_allocated` on CUDA; on the CPU, the running sum of every allocation and
+free the profiler records (`profile_memory=True`) over one extra step.
+
+Data comes from a length profile (`pairopt/assets/profiles.json`, the six of the prefix-sharing
+paper) with uniform jitter on P, C and R, or from a JSONL file of real pairs (token ids, or text
+with `--tokenizer`); only lengths matter for speed, so token ids are drawn at random.
+
+Other commands: `--memory-sweep 32000,128000,256000` (LM-head peak memory, chunked vs full logits),
+`--peer` (TRL's DPOTrainer vs pairopt, pairopt.peer). Nothing here imports pydantic, datasets or
+matplotlib at module level: the bench runs on a bare torch + transformers machine (the PNG is
+skipped with a message when matplotlib is absent). Options are argparse + a frozen dataclass,
+not a pydantic config, for that reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pairopt.errors import PairoptError
+from pairopt.pairs import PreferencePair
+
+MODES: dict[str, tuple[bool, bool]] = {  # name -> (share_prefix, packing)
+    "unshared-padded": (False, False),
+    "unshared-packed": (False, True),
+    "shared": (True, False),
+    "shared-packed": (True, True),
+}
+BASELINES = ("unshared-padded", "unshared-packed")
+PROFILES_PATH = Path(__file__).parent / "assets" / "profiles.json"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A Llama with random weights. CPU default: the LM head costs ~12% of a token's forward,
+    about what it costs in the GPU shape (2048 x 16 layers, 32k vocab: ~8%) and in 7-8B models;
+    a 32k vocab on a 2-layer model would make the head (identical in every mode) dominate."""
+
+    hidden: int = 256
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 4
+    intermediate: int = 704
+    vocab: int = 1024
+
+
+GPU_SHAPE = ModelShape(hidden=2048, layers=16, heads=16, kv_heads=4, intermediate=5632, vocab=32000)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    modes: tuple[str, ...] = tuple(MODES)
+    pairs_per_step: int = 4
+    steps: int = 3  # measured rounds
+    warmup: int = 1  # unmeasured rounds first
+    jitter: float = 0.25  # P, C, R drawn uniformly in [(1 - j) x, (1 + j) x]
+    seed: int = 0
+    backend: str = "auto"
+    row_tokens: int = 0  # packed row budget; 0: the whole step in one row
+    bucket_size: int = 64
+    fixed_shapes: bool = False  # packed rows padded to one fixed length per run (compilers)
+    chunk_size: int = 1024
+    measure_memory: bool = True
+    timer: str = "wall"  # or "cpu": process CPU time, immune to waiting for a shared CPU
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_profiles(path: Path = PROFILES_PATH) -> dict[str, dict[str, Any]]:
+    """Profile name -> {prompt_tokens, completion_tokens, ideal_speedup, ...}."""
+    return {p["name"]: p for p in json.loads(path.read_text())["profiles"]}
+
+
+def profile_lengths(
+    profile: dict[str, Any], n: int, jitter: float, rng: random.Random
+) -> list[tuple[int, int, int]]:
+    """n (P, C, R) triples around the profile's medians; C and R drawn independently."""
+
+    def draw(x: int) -> int:
+        return max(1, round(x * rng.uniform(1 - jitter, 1 + jitter)))
+
+    P, C = int(profile["prompt_tokens"]), int(profile["completion_tokens"])
+    return [(draw(P), draw(C), draw(C)) for _ in range(n)]
+
+
+def dataset_lengths(path: Path, tokenizer: str | None) -> list[tuple[int, int, int]]:
+    """(P, C, R) of every row of a JSONL file with prompt / chosen / rejected fields.
+
+    Fields are token-id lists, or text tokenised with `tokenizer` (a local path) as the data
+    loader does: the prompt with special tokens, each response without them plus EOS.
+    """
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise PairoptError(f"{path}: no rows. Give a JSONL file with prompt/chosen/rejected.")
+    tok: Any = None
+    out = []
+    for i, row in enumerate(rows, start=1):
+        missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+        if missing:
+            raise PairoptError(f"{path} row {i}: missing field(s) {', '.join(missing)}.")
+        if all(isinstance(row[k], list) for k in ("prompt", "chosen", "rejected")):
+            out.append((len(row["prompt"]), len(row["chosen"]), len(row["rejected"])))
+            continue
+        if tokenizer is None:
+            raise PairoptError(
+                f"{path} row {i}: text fields need a tokenizer: pass --tokenizer PATH "
+                "(a local tokenizer directory), or store token-id lists."
+            )
+        if tok is None:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(tokenizer)
+        eos = 1 if tok.eos_token_id is not None else 0
+        n_prompt = len(tok(row["prompt"])["input_ids"])
+        n_chosen = len(tok(row["chosen"], add_special_tokens=False)["input_ids"]) + eos
+        n_rejected = len(tok(row["rejected"], add_special_tokens=False)["input_ids"]) + eos
+        out.append((n_prompt, n_chosen, n_rejected))
+    return out
+
+
+def make_batches(
+    lengths: Sequence[tuple[int, int, int]], pairs_per_step: int, vocab: int, seed: int
+) -> list[list[PreferencePair]]:
+    """Consecutive groups of `pairs_per_step` pairs with random token ids of those lengths."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+    pairs = [PreferencePair(ids(p), ids(c), ids(r)) for p, c, r in lengths]
+    return [
+        pairs[i : i + pairs_per_step]
+        for i in range(0, len(pairs) - pairs_per_step + 1, pairs_per_step)
+    ]
+
+
+def ideal_speedup(pairs: Sequence[PreferencePair]) -> float:
+    """sum(2P + C + R) / sum(P + C + R): tokens without sharing over tokens with it."""
+    unshared = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    shared = sum(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    return unshared / shared
+
+
+# ----------------------------------------------------------------------------- model and step
+
+
+def build_model(shape: ModelShape, device: str, dtype: torch.dtype, seed: int) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        intermediate_size=shape.intermediate,
+        vocab_size=shape.vocab,
+        max_position_embeddings=32768,
+    )
+    model: nn.Module = LlamaForCausalLM(config)
+    return model.to(
+        device=device, dtype=dtype
+    ).train()  # Llama has no dropout: train mode passes check_dropout
+
+
+def row_budget(opts: BenchOptions, batches: Sequence[Sequence[PreferencePair]], share: bool) -> int:
+    """Packed row budget: the option, or the largest step (all of a step in one row).
+
+    With fixed shapes the budget is also the bucket, so every packed row has one length.
+    """
+    if opts.row_tokens:
+        return opts.row_tokens
+    from pairopt.engine.layout import round_up
+    from pairopt.packing import segment_length
+
+    most = max(
+        sum(segment_length(len(p.prompt), [len(p.chosen), len(p.rejected)], share) for p in b)
+        for b in batches
+    )
+    return round_up(most, 1024 if opts.fixed_shapes else opts.bucket_size)
+
+
+def layout_kwargs(
+    opts: BenchOptions, mode: str, batches: Sequence[Sequence[PreferencePair]]
+) -> dict[str, Any]:
+    share, pack = MODES[mode]
+    kwargs: dict[str, Any] = {"share_prefix": share, "packing": pack}
+    kwargs["bucket_size"] = opts.bucket_size
+    if pack:
+        budget = row_budget(opts, batches, share)
+        kwargs["max_tokens_per_row"] = budget
+        if opts.fixed_shapes:
+            kwargs["bucket_size"] = budget
+    return kwargs
+
+
+def train_step(
+    model: nn.Module, pairs: Sequence[PreferencePair], kwargs: dict[str, Any], opts: BenchOptions
+) -> None:
+    """Forward + reference-free DPO loss + backward; gradients are dropped afterwards."""
+    from pairopt.engine.forward import compute_logps
+
+    out = compute_logps(model, pairs, backend=opts.backend, chunk_size=opts.chunk_size, **kwargs)
+    loss = -torch.nn.functional.logsigmoid(0.1 * (out.chosen_logps - out.rejected_logps)).mean()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def compile_count() -> int:
+    """Graphs torch.compile has produced so far in this process (FlexAttention compiles)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:  # dynamo unavailable: nothing can have compiled
+        return 0
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    step_s: float  # median over the measured rounds
+    step_s_all: list[float]
+    tokens_per_s: float  # tokens the model processed (real, not padding) per second
+    pairs_per_s: float
+    peak_memory_mib: float | None
+    packing_efficiency: float  # real tokens / padded tokens
+    rows: int
+    row_length: int
+    compiles: int
+    speedup: dict[str, float] = field(default_factory=dict)  # over each baseline
+    fraction_of_ideal: float | None = None  # speed-up over the best baseline / ideal
+
+
+@dataclass
+class ProfileResult:
+    profile: str
+    prompt_tokens: float  # means over the measured pairs
+    completion_tokens: float
+    pairs_per_step: int
+    ideal_speedup: float
+    best_baseline: str
+    modes: dict[str, ModeResult]
+
+
+def run_profile(
+    name: str,
+    model: nn.Module,
+    batches: list[list[PreferencePair]],
+    opts: BenchOptions,
+    log: Callable[[str], None] = print,
+) -> ProfileResult:
+    """Warm-up rounds, then interleaved measured rounds; see the module docstring."""
+    from pairopt.bench_memory import peak_memory, sync
+    from pairopt.engine.layout import build_layout
+
+    device = next(model.parameters()).device
+    if len(batches) < opts.warmup + opts.steps:
+        raise PairoptError(
+            f"profile {name}: {len(batches)} batches for {opts.warmup} warm-up + {opts.steps} "
+            "measured rounds; give more data or fewer --steps / --pairs-per-step."
+        )
+    measured = batches[opts.warmup : opts.warmup + opts.steps]
+    kwargs = {m: layout_kwargs(opts, m, batches) for m in opts.modes}
+    times: dict[str, list[float]] = {m: [] for m in opts.modes}
+    clock = time.process_time if opts.timer == "cpu" else time.perf_counter
+    compiles = dict.fromkeys(opts.modes, 0)
+    for r, batch in enumerate(batches[: opts.warmup + opts.steps]):
+        order = list(opts.modes[r % len(opts.modes) :] + opts.modes[: r % len(opts.modes)])
+        for mode in order:
+            before = compile_count()
+            sync(device)
+            start = clock()
+            train_step(model, batch, kwargs[mode], opts)
+            sync(device)
+            if r >= opts.warmup:
+                times[mode].append(clock() - start)
+            compiles[mode] += compile_count() - before
+        log(f"  {name}: round {r + 1}/{opts.warmup + opts.steps} done")
+
+    pairs = [p for b in measured for p in b]
+    results: dict[str, ModeResult] = {}
+    for mode in opts.modes:
+        layouts = [
+            build_layout(
+                [p.as_group() for p in b],
+                **{k: v for k, v in kwargs[mode].items()},
+            )
+            for b in measured
+        ]
+        real = sum(lay.real_tokens for lay in layouts)
+        padded = sum(lay.padded_tokens for lay in layouts)
+        median_s = statistics.median(times[mode])
+        memory = None
+        if opts.measure_memory:
+            step = functools.partial(train_step, model, measured[0], kwargs[mode], opts)
+            memory = peak_memory(device, step)
+        results[mode] = ModeResult(
+            mode=mode,
+            step_s=median_s,
+            step_s_all=times[mode],
+            tokens_per_s=real / sum(times[mode]),
+            pairs_per_s=len(pairs) / sum(times[mode]),
+            peak_memory_mib=None if memory is None else memory / 2**20,
+            packing_efficiency=real / padded,
+            rows=max(lay.shape[0] for lay in layouts),
+            row_length=max(lay.shape[1] for lay in layouts),
+            compiles=compiles[mode],
+        )
+    ideal = ideal_speedup(pairs)
+    present = [b for b in BASELINES if b in results]
+    best = min(present, key=lambda b: results[b].step_s) if present else ""
+    for res in results.values():
+        res.speedup = {b: results[b].step_s / res.step_s for b in present}
+        if best:
+            res.fraction_of_ideal = res.speedup[best] / ideal
+    return ProfileResult(
+        profile=name,
+        prompt_tokens=statistics.mean(len(p.prompt) for p in pairs),
+        completion_tokens=statistics.mean((len(p.chosen) + len(p.rejected)) / 2 for p in pairs),
+        pairs_per_step=len(measured[0]),
+        ideal_speedup=ideal,
+        best_baseline=best,
+        modes=results,
+    )
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    d, s = BenchOptions(), ModelShape()
+    p = argparse.ArgumentParser(
+        prog="pairopt bench",
+        description="Step time of unshared/shared x padded/packed, side by side; "
+        "see docs/benchmarks.md.",
+    )
+    p.add_argument("--profiles", default="all", help="comma-separated profile names, or all")
+    p.add_argument(
+        "--profiles-file",
+        type=Path,
+        default=PROFILES_PATH,
+        help="profiles JSON (default: the six shipped in pairopt/assets/profiles.json)",
+    )
+    p.add_argument("--data", type=Path, help="JSONL of real pairs (replaces --profiles)")
+    p.add_argument("--tokenizer", help="local tokenizer directory for text in --data")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated modes")
+    p.add_argument("--pairs-per-step", type=int, default=d.pairs_per_step)
+    p.add_argument("--steps", type=int, default=d.steps, help="measured rounds")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="unmeasured rounds first")
+    p.add_argument("--jitter", type=float, default=d.jitter, help="relative length jitter")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--backend", default=d.backend, help="auto, sdpa, eager, flex or varlen")
+    p.add_argument("--row-tokens", type=int, default=d.row_tokens, help="0: a step per row")
+    p.add_argument("--bucket-size", type=int, default=d.bucket_size)
+    p.add_argument(
+        "--fixed-shapes", action="store_true", help="pad packed rows to one length (compilers)"
+    )
+    p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="LM-head chunk")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    p.add_argument(
+        "--timer",
+        choices=("wall", "cpu"),
+        default=d.timer,
+        help="step clock: wall time, or process CPU time (CPU only; on a shared machine it "
+        "leaves out the time spent waiting for a core)",
+    )
+    p.add_argument("--hidden", type=int, default=s.hidden)
+    p.add_argument("--layers", type=int, default=s.layers)
+    p.add_argument("--heads", type=int, default=s.heads)
+    p.add_argument("--kv-heads", type=int, default=s.kv_heads)
+    p.add_argument("--intermediate", type=int, default=s.intermediate)
+    p.add_argument("--vocab", type=int, default=s.vocab)
+    p.add_argument("--gpu-shape", action="store_true", help=f"model shape {GPU_SHAPE}")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda), float32, bfloat16")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave)")
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory")
+    p.add_argument("--no-png", action="store_true")
+    p.add_argument(
+        "--memory-sweep",
+        help="comma-separated vocab sizes: LM-head peak memory, chunked vs full logits",
+    )
+    p.add_argument("--sweep-tokens", type=int, default=2048, help="scored tokens in the sweep")
+    p.add_argument(
+        "--peer", action="store_true", help="TRL DPOTrainer vs pairopt (see pairopt.peer --help)"
+    )
+    return p
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PairoptError("--device cuda: no CUDA device here. Use --device cpu.")
+    return torch.device(name)
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in ("float32", "bfloat16", "float16"):
+        raise PairoptError(f"--dtype {name!r}: choose auto, float32, bfloat16 or float16.")
+    return getattr(torch, name)
+
+
+def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise PairoptError(f"--modes {args.modes!r}: choose from {', '.join(MODES)}.")
+    for name in ("pairs_per_step", "steps", "bucket_size", "chunk_size"):
+        if getattr(args, name) < 1:
+            raise PairoptError(f"--{name.replace('_', '-')} must be >= 1.")
+    if not 0 <= args.jitter < 1:
+        raise PairoptError("--jitter must be in [0, 1).")
+    if args.timer == "cpu" and _resolve_device(args.device).type == "cuda":
+        raise PairoptError("--timer cpu measures CPU time: on CUDA use --timer wall.")
+    return BenchOptions(
+        modes=modes,
+        pairs_per_step=args.pairs_per_step,
+        steps=args.steps,
+        warmup=args.warmup,
+        jitter=args.jitter,
+        seed=args.seed,
+        backend=args.backend,
+        row_tokens=args.row_tokens,
+        bucket_size=args.bucket_size,
+        fixed_shapes=args.fixed_shapes,
+        chunk_size=args.chunk_size,
+        measure_memory=not args.no_memory,
+        timer=args.timer,
+    )
+
+
+def run(
+    opts: BenchOptions,
+    shape: ModelShape,
+    sources: dict[str, list[tuple[int, int, int]] | dict[str, Any]],
+    device: torch.device,
+    dtype: torch.dtype,
+    log: Callable[[str], None] = print,
+) -> list[ProfileResult]:
+    """Bench every source (a profile dict or a list of (P, C, R)) on one model."""
+    model = build_model(shape, str(device), dtype, opts.seed)
+    results = []
+    n = (opts.warmup + opts.steps) * opts.pairs_per_step
+    for i, (name, source) in enumerate(sources.items()):
+        rng = random.Random(opts.seed + i)
+        if isinstance(source, dict):
+            lengths = profile_lengths(source, n, opts.jitter, rng)
+        else:
+            lengths = list(source)
+            rng.shuffle(lengths)
+        batches = make_batches(lengths, opts.pairs_per_step, shape.vocab, opts.seed + i)
+        log(f"{name}: {len(batches)} batches of {opts.pairs_per_step} pairs")
+        results.append(run_profile(name, model, batches, opts, log))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pairopt.bench_memory import memory_sweep
+    from pairopt.bench_report import environment, format_table, write_chart
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--peer" in argv:  # the peer has its own options
+        from pairopt import peer
+
+        return peer.main([a for a in argv if a != "--peer"])
+    args = _parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _resolve_device(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.memory_sweep:
+        vocabs = [int(v) for v in args.memory_sweep.split(",")]
+        rows = memory_sweep(vocabs, args.hidden, args.sweep_tokens, args.chunk_size, str(device))
+        print(f"{'vocab':>8}{'full logits MiB':>17}{'chunked MiB':>13}{'(T,V) fp32 MiB':>16}")
+        for r in rows:
+            print(
+                f"{r['vocab']:>8}{r['full_logits_mib']:>17.0f}{r['chunked_mib']:>13.0f}"
+                f"{r['logits_tensor_mib']:>16.0f}"
+            )
+        out: dict[str, Any] = {"command": "pairopt bench " + " ".join(argv), "rows": rows}
+        out["environment"] = environment(device)
+        (args.out / "memory.json").write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.out / 'memory.json'}")
+        return 0
+    opts = options_from_args(args)
+    dtype = _resolve_dtype(args.dtype, device)
+    shape = (
+        GPU_SHAPE
+        if args.gpu_shape
+        else ModelShape(
+            args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate, args.vocab
+        )
+    )
+    sources: dict[str, Any]
+    if args.data is not None:
+        if not args.data.exists():
+            raise PairoptError(f"--data {args.data}: no such file.")
+        sources = {args.data.stem: dataset_lengths(args.data, args.tokenizer)}
+    else:
+        if not args.profiles_file.exists():
+            raise PairoptError(f"--profiles-file {args.profiles_file}: no such file.")
+        profiles = load_profiles(args.profiles_file)
+        names = list(profiles) if args.profiles == "all" else args.profiles.split(",")
+        bad = [n for n in names if n not in profiles]
+        if bad:
+            raise PairoptError(
+                f"--profiles: unknown {', '.join(bad)}; choose from {', '.join(profiles)} or all."
+            )
+        sources = {n: profiles[n] for n in names}
+    started = time.perf_counter()
+    results = run(opts, shape, sources, device, dtype)
+    table = format_table(results)
+    print(table)
+    report: dict[str, Any] = {
+        "command": "pairopt bench " + " ".join(argv),
+        "environment": environment(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "model": asdict(shape),
+        "options": asdict(opts),
+        "wall_s": time.perf_counter() - started,
+        "profiles": [asdict(r) for r in results],
+    }
+    (args.out / "bench.json").write_text(json.dumps(report, indent=1))
+    (args.out / "bench.txt").write_text(table + "\n")
+    print(f"wrote {args.out / 'bench.json'}")
+    if not args.no_png:
+        title = f"pairopt bench ({report['environment'].get('gpu', 'CPU')}, {dtype})"
+        if write_chart(results, args.out / "bench.png", title):
+            print(f"wrote {args.out / 'bench.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

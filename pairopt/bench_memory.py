@@ -1,0 +1,87 @@
+"""Peak memory of a step, and the LM-head sweep (`pairopt bench --memory-sweep`).
+
+Peak = what torch allocates during the step above what was allocated before it. On CUDA that is
+`torch.cuda.max_memory_allocated`; the CPU allocator keeps no such statistic, so the profiler
+records every allocation and free (`profile_memory=True`) and their running sum, in start order,
+gives the peak. The sweep runs the LM-head log-probs forward + backward at one row count and
+growing vocabularies, chunked (`pairopt.engine.logps.token_logps`) against the naive full
+(T, V) logits, to show that the chunked head's peak stays flat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory(device: torch.device, step: Callable[[], None]) -> int:
+    """Bytes torch allocates during `step()` above what was allocated before it (at peak)."""
+    if device.type == "cuda":
+        sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage  # allocations +, frees -, in start order
+        peak = max(peak, current)
+    return peak
+
+
+def head_peak_memory(
+    hidden: int, vocab: int, tokens: int, chunk_size: int, chunked: bool, device: str
+) -> int:
+    """Peak bytes of the LM-head log-prob forward + backward over `tokens` scored positions,
+    chunked (pairopt.engine.logps.token_logps) or naive (full (T, V) logits, log_softmax)."""
+    from pairopt.engine.logps import token_logps
+
+    torch.manual_seed(0)
+    head = nn.Linear(hidden, vocab, bias=False, device=device)
+    hidden_TD = torch.randn(tokens, hidden, device=device, requires_grad=True)
+    target_T = torch.randint(0, vocab, (tokens,), device=device)
+    head.weight.grad = torch.zeros_like(head.weight)  # allocated up front in both variants
+
+    def step() -> None:
+        if chunked:
+            logps_T = token_logps(head, hidden_TD, target_T, chunk_size)
+        else:
+            logits_TV = head(hidden_TD).float()
+            logps_T = logits_TV.log_softmax(-1).gather(-1, target_T[:, None]).squeeze(-1)
+        logps_T.sum().backward()
+
+    return peak_memory(torch.device(device), step)
+
+
+def memory_sweep(
+    vocabs: Sequence[int], hidden: int, tokens: int, chunk_size: int, device: str
+) -> list[dict[str, Any]]:
+    rows = []
+    for vocab in vocabs:
+        full = head_peak_memory(hidden, vocab, tokens, chunk_size, False, device)
+        chunked = head_peak_memory(hidden, vocab, tokens, chunk_size, True, device)
+        rows.append(
+            {
+                "vocab": vocab,
+                "hidden": hidden,
+                "scored_tokens": tokens,
+                "chunk_size": chunk_size,
+                "full_logits_mib": full / 2**20,
+                "chunked_mib": chunked / 2**20,
+                "logits_tensor_mib": tokens * vocab * 4 / 2**20,  # one fp32 (T, V) tensor
+            }
+        )
+    return rows

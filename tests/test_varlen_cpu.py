@@ -1,0 +1,126 @@
+"""The CPU varlen schedule computes exactly the plan's attention; the auto rule; plain calls.
+
+`cpu_blocks_attention` (merged / square / masked fused blocks) is checked against
+`varlen_emulation` (one explicit bottom-right mask per plan block), values and gradients, on
+shared and unshared layouts, packed and padded, k = 2 and 3, prompts shorter and longer than
+the responses (both branches of the square-vs-mask choice).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from pairopt.engine.attention import (
+    auto_backend,
+    cpu_blocks_attention,
+    cpu_schedule,
+    varlen_emulation,
+)
+from pairopt.engine.forward import compute_logps
+from pairopt.engine.layout import build_layout
+from pairopt.engine.masks import varlen_plan
+from pairopt.pairs import PreferencePair, ResponseGroup
+
+# the emulation computes scores in fp32 whatever the input dtype: fp32-level agreement
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def _llama(**kw):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=97,
+        **kw,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("packing", [True, False])
+def test_schedule_equals_emulation(share, k, packing):
+    rng = random.Random(k * 10 + share * 2 + packing)
+    groups = [
+        ResponseGroup([1] * rng.randint(1, 14), [[2] * rng.randint(1, 14) for _ in range(k)])
+        for _ in range(6)
+    ]
+    layout = build_layout(
+        groups, share_prefix=share, packing=packing, max_tokens_per_row=80, bucket_size=16
+    )
+    plan, sched = varlen_plan(layout), None
+    sched = cpu_schedule(plan)
+    B, L = layout.shape
+    q, kk, v = (torch.randn(B * L, 2, 8, dtype=torch.float64, requires_grad=True) for _ in "qkv")
+    ref = varlen_emulation(
+        q[plan.q_index],
+        kk[plan.kv_index],
+        v[plan.kv_index],
+        plan.cu_seqlens_q,
+        plan.cu_seqlens_k,
+        0.3,
+        None,
+        None,
+    )
+    got = cpu_blocks_attention(q[sched.q_src], kk[sched.k_src], v[sched.k_src], sched, 0.3)
+    torch.testing.assert_close(got, ref, **TOL)
+    weight = torch.randn_like(ref)
+    expected = torch.autograd.grad((ref * weight).sum(), (q, kk, v))
+    for g, e in zip(torch.autograd.grad((got * weight).sum(), (q, kk, v)), expected, strict=True):
+        torch.testing.assert_close(g, e, **TOL)
+    # fewer blocks than the plan: each prompt merges with its first response
+    assert len(sched.keep) < len(plan.cu_seqlens_q) - 1
+
+
+def test_schedule_choices():
+    """P=2, C=6 (response longer than the prompt): the later response runs square (waste
+    P^2/2 = 2 < Q^2/2 = 18). P=9, C=2: it runs with the mask (waste 2 < 40.5)."""
+    short = build_layout([ResponseGroup([1, 1], [[2] * 6, [3] * 6])], bucket_size=1)
+    long = build_layout([ResponseGroup([1] * 9, [[2] * 2, [3] * 2])], bucket_size=1)
+    s1, s2 = cpu_schedule(varlen_plan(short)), cpu_schedule(varlen_plan(long))
+    # [prompt ; chosen] merged (8 rows), rejected over [prompt ; rejected] keeping 6 rows
+    assert (s1.q_sizes, s1.keep, s1.masked) == ([8, 8], [8, 6], [False, False])
+    assert (s2.q_sizes, s2.k_sizes, s2.masked) == ([11, 2], [11, 11], [False, True])
+
+
+def test_auto_rule_on_cpu():
+    assert auto_backend(_llama()) == "varlen"
+    assert auto_backend(_llama(sliding_window=8, layer_types=["sliding_attention"] * 2)) == "sdpa"
+    gemma = Gemma2ForCausalLM(
+        Gemma2Config(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            intermediate_size=64,
+            vocab_size=64,
+        )
+    )
+    assert auto_backend(gemma) == "eager"  # softcap: no sdpa path, emulation would be slow
+
+
+def test_auto_matches_sdpa_and_leaves_model_usable():
+    """compute_logps with auto (varlen on the CPU) equals sdpa; afterwards the model, left on the
+    varlen implementation, still answers a plain padded call exactly as sdpa does."""
+    model = _llama()
+    pairs = [PreferencePair([5, 6, 7], [8, 9], [10]), PreferencePair([4] * 9, [3], [2, 1, 7])]
+    ref = compute_logps(model, pairs, backend="sdpa")
+    ids = torch.tensor([[5, 6, 7, 8], [4, 3, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    with torch.no_grad():
+        plain_sdpa = model(input_ids=ids, attention_mask=mask).logits
+    got = compute_logps(model, pairs, backend="auto")
+    assert model.config._attn_implementation == "pairopt_varlen"
+    torch.testing.assert_close(got.chosen_logps, ref.chosen_logps, **TOL)
+    torch.testing.assert_close(got.rejected_logps, ref.rejected_logps, **TOL)
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(plain[mask.bool()], plain_sdpa[mask.bool()], **TOL)
