@@ -360,6 +360,17 @@ def config_reference_markdown() -> str:
         lines += ["", f"### `{name}`: {field.description or section.__doc__}", ""]
         lines += ["| option | type | default | description |", "|---|---|---|---|"]
         rows(section, f"{name}.")
+    preset = yaml.safe_dump(TINY_RUN_PRESET, sort_keys=False).strip()
+    lines += [
+        "",
+        f"### The out-of-the-box preset (only with `model.name_or_path: {TINY_MODEL}`)",
+        "",
+        "Starting values for the shipped tiny model, below any --config file and flags:",
+        "",
+        "```yaml",
+        preset,
+        "```",
+    ]
     return "\n".join(lines).strip() + "\n"
 
 
