@@ -414,6 +414,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sweep-tokens", type=int, default=2048, help="scored tokens in the sweep")
     p.add_argument(
+        "--chunk-elements",
+        type=int,
+        default=2**25,
+        help="sweep: also chunk by a logits budget, rows = this // vocab (2^25: 128 MiB fp32)",
+    )
+    p.add_argument(
         "--peer", action="store_true", help="TRL DPOTrainer vs pairopt (see pairopt.peer --help)"
     )
     return p
@@ -505,12 +511,28 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.memory_sweep:
         vocabs = [int(v) for v in args.memory_sweep.split(",")]
-        rows = memory_sweep(vocabs, args.hidden, args.sweep_tokens, args.chunk_size, str(device))
-        print(f"{'vocab':>8}{'full logits MiB':>17}{'chunked MiB':>13}{'(T,V) fp32 MiB':>16}")
+        rows = memory_sweep(
+            vocabs,
+            args.hidden,
+            args.sweep_tokens,
+            args.chunk_size,
+            args.chunk_elements,
+            str(device),
+        )
+        print(
+            f"LM head over {args.sweep_tokens} scored tokens, hidden {args.hidden}: peak MiB "
+            "of forward + backward above the weights and their gradient"
+        )
+        print(
+            f"{'vocab':>8}{'(V,D) fp32':>12}{'(T,V) fp32':>12}{'full logits':>13}"
+            f"{'chunk rows':>12}{'chunked':>9}{'budget rows':>13}{'chunked':>9}"
+        )
         for r in rows:
             print(
-                f"{r['vocab']:>8}{r['full_logits_mib']:>17.0f}{r['chunked_mib']:>13.0f}"
-                f"{r['logits_tensor_mib']:>16.0f}"
+                f"{r['vocab']:>8}{r['weight_mib']:>12.0f}{r['logits_tensor_mib']:>12.0f}"
+                f"{r['full_logits_mib']:>13.0f}"
+                f"{r['chunk_rows']:>12}{r['chunked_mib']:>9.0f}"
+                f"{r['budget_chunk_rows']:>13}{r['budget_chunked_mib']:>9.0f}"
             )
         out: dict[str, Any] = {"command": "pairopt bench " + " ".join(argv), "rows": rows}
         out["environment"] = environment(device)

@@ -43,21 +43,22 @@ def peak_memory(device: torch.device, step: Callable[[], None]) -> int:
 
 
 def head_peak_memory(
-    hidden: int, vocab: int, tokens: int, chunk_size: int, chunked: bool, device: str
+    hidden: int, vocab: int, tokens: int, chunk_rows: int | None, device: str
 ) -> int:
-    """Peak bytes of the LM-head log-prob forward + backward over `tokens` scored positions,
-    chunked (pairopt.engine.logps.token_logps) or naive (full (T, V) logits, log_softmax)."""
+    """Peak bytes of the LM-head log-prob forward + backward over `tokens` scored positions:
+    chunked (`pairopt.engine.logps.token_logps`, `chunk_rows` rows at a time) or, with
+    `chunk_rows=None`, naive (full (T, V) logits, log_softmax, gather)."""
     from pairopt.engine.logps import token_logps
 
     torch.manual_seed(0)
     head = nn.Linear(hidden, vocab, bias=False, device=device)
     hidden_TD = torch.randn(tokens, hidden, device=device, requires_grad=True)
     target_T = torch.randint(0, vocab, (tokens,), device=device)
-    head.weight.grad = torch.zeros_like(head.weight)  # allocated up front in both variants
+    head.weight.grad = torch.zeros_like(head.weight)  # (V, D), allocated up front in every variant
 
     def step() -> None:
-        if chunked:
-            logps_T = token_logps(head, hidden_TD, target_T, chunk_size)
+        if chunk_rows is not None:
+            logps_T = token_logps(head, hidden_TD, target_T, chunk_rows)
         else:
             logits_TV = head(hidden_TD).float()
             logps_T = logits_TV.log_softmax(-1).gather(-1, target_T[:, None]).squeeze(-1)
@@ -67,21 +68,36 @@ def head_peak_memory(
 
 
 def memory_sweep(
-    vocabs: Sequence[int], hidden: int, tokens: int, chunk_size: int, device: str
+    vocabs: Sequence[int],
+    hidden: int,
+    tokens: int,
+    chunk_size: int,
+    chunk_elements: int,
+    device: str,
 ) -> list[dict[str, Any]]:
+    """Per vocabulary: the naive head's peak, the chunked head's with `chunk_size` rows (peak
+    O(chunk_size * V): grows with V, with a far smaller slope than O(T * V)), and with rows =
+    `chunk_elements // V` (a fixed logits budget per chunk: flat in V)."""
     rows = []
     for vocab in vocabs:
-        full = head_peak_memory(hidden, vocab, tokens, chunk_size, False, device)
-        chunked = head_peak_memory(hidden, vocab, tokens, chunk_size, True, device)
+        budget_rows = max(1, chunk_elements // vocab)
+        full = head_peak_memory(hidden, vocab, tokens, None, device)
+        fixed = head_peak_memory(hidden, vocab, tokens, chunk_size, device)
+        budget = head_peak_memory(hidden, vocab, tokens, budget_rows, device)
         rows.append(
             {
                 "vocab": vocab,
                 "hidden": hidden,
                 "scored_tokens": tokens,
-                "chunk_size": chunk_size,
-                "full_logits_mib": full / 2**20,
-                "chunked_mib": chunked / 2**20,
                 "logits_tensor_mib": tokens * vocab * 4 / 2**20,  # one fp32 (T, V) tensor
+                # one fp32 (V, D) tensor: the weight gradient of each chunk, before it is
+                # added into .grad, is a temporary of this size whatever the chunking
+                "weight_mib": vocab * hidden * 4 / 2**20,
+                "full_logits_mib": full / 2**20,
+                "chunk_rows": chunk_size,
+                "chunked_mib": fixed / 2**20,
+                "budget_chunk_rows": budget_rows,
+                "budget_chunked_mib": budget / 2**20,
             }
         )
     return rows

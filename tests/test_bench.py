@@ -109,7 +109,9 @@ def test_bad_input_is_one_error(capsys, tmp_path: Path):
 def test_memory_sweep_chunked_head_stays_flat():
     """4x the vocabulary: full logits grow ~4x, the chunked head by far less (its chunk of
     16 rows is small next to the weight gradient it adds into)."""
-    rows = memory_sweep([512, 2048], hidden=16, tokens=256, chunk_size=16, device="cpu")
+    rows = memory_sweep(
+        [512, 2048], hidden=16, tokens=256, chunk_size=16, chunk_elements=2**14, device="cpu"
+    )
     small, large = rows
     assert large["full_logits_mib"] > 3 * small["full_logits_mib"]
     assert large["chunked_mib"] < large["full_logits_mib"] / 4

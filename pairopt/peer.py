@@ -1,0 +1,257 @@
+"""The peer: TRL's DPOTrainer and pairopt, same tiny model, data, batch and steps; pairs/s of both.
+
+    python -m pairopt.peer --profile hh_rlhf --pairs-per-step 4 --steps 8
+    pairopt bench --peer ...                      (the same)
+
+TRL is an optional bench dependency (`pip install pairopt[bench]`), never a runtime one.
+
+What is compared, per training step, for both: a reference forward without gradient, the policy
+forward and backward, DPO's sigmoid loss (beta 0.1) and an AdamW step, on the same N pairs in the
+same order (TRL's random sampler is replaced by a sequential one). TRL tokenises text, so the
+pairs are written as words of a word-level tokenizer built in memory, one word per token id;
+its token counts are the ones pairopt gets (prompt, response + EOS). TRL pads [prompt ; chosen]
+and [prompt ; rejected] rows to the longest in the batch and scores them with its fused LM head
+(activation checkpointing off, its faster setting; fp32 like pairopt, where TRL would default
+to bf16 autocast, slow on CPUs without bf16 units); pairopt runs its defaults (prefix shared, packed, backend auto, chunked head). Step times come
+from a TrainerCallback (TRL) and the same clock around pairopt's step; the first `--warmup`
+steps of each are dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pairopt.errors import PairoptError
+from pairopt.pairs import PreferencePair
+
+EOS, PAD = 1, 0  # word-level vocabulary: 0 <pad>, 1 </s>, then one word per token id
+
+
+def word_tokenizer(vocab: int) -> Any:
+    """A fast tokenizer with words w2 .. w{vocab-1}: 'w5 w9' -> [5, 9]; no download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": PAD, "</s>": EOS, **{f"w{i}": i for i in range(2, vocab)}}
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
+    fast.add_special_tokens({"eos_token": "</s>", "pad_token": "<pad>"})
+    return fast
+
+
+def make_pairs(profile: dict[str, Any], n: int, jitter: float, vocab: int, seed: int) -> list[dict]:
+    """Token-id pairs around a profile's lengths; responses end in EOS (TRL appends it too)."""
+    rng = random.Random(seed)
+
+    def draw(x: int) -> int:
+        return max(1, round(x * rng.uniform(1 - jitter, 1 + jitter)))
+
+    P, C = int(profile["prompt_tokens"]), int(profile["completion_tokens"])
+
+    def ids(k: int) -> list[int]:
+        return [rng.randrange(2, vocab) for _ in range(k)]
+
+    return [
+        {"prompt": ids(draw(P)), "chosen": ids(draw(C)), "rejected": ids(draw(C))} for _ in range(n)
+    ]
+
+
+def as_text(row: dict[str, list[int]]) -> dict[str, str]:
+    # responses start with a space so that prompt + response splits where the prompt ends
+    def words(ids: list[int]) -> str:
+        return " ".join(f"w{i}" for i in ids)
+
+    return {
+        "prompt": words(row["prompt"]),
+        "chosen": " " + words(row["chosen"]),
+        "rejected": " " + words(row["rejected"]),
+    }
+
+
+def run_trl(
+    model: Any, rows: list[dict], args: argparse.Namespace, clock: Any
+) -> list[float]:
+    """Step times of TRL's DPOTrainer on `rows`, in order."""
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a: Any, **k: Any) -> None:
+            self.start = clock()
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            times.append(clock() - self.start)
+
+    class InOrder(DPOTrainer):
+        def _get_train_sampler(self, dataset: Any = None) -> Any:
+            data: Any = dataset if dataset is not None else self.train_dataset
+            return SequentialSampler(data)
+
+    with tempfile.TemporaryDirectory() as out:
+        config = DPOConfig(
+            output_dir=out,
+            per_device_train_batch_size=args.pairs_per_step,
+            max_steps=args.steps + args.warmup,
+            learning_rate=args.lr,
+            beta=0.1,
+            loss_type=["sigmoid"],
+            max_length=None,
+            logging_steps=10**6,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=True,
+            seed=args.seed,
+            dataloader_num_workers=0,
+            # TRL turns activation checkpointing on by default; pairopt does not checkpoint,
+            # and TRL is faster without it: compare against its faster setting.
+            gradient_checkpointing=False,
+            bf16=False,  # TRL's default is bf16 autocast, also on the CPU; both run fp32 here
+        )
+        trainer = InOrder(
+            model=model,
+            ref_model=copy.deepcopy(model).eval(),
+            args=config,
+            train_dataset=Dataset.from_list([as_text(r) for r in rows]),
+            processing_class=word_tokenizer(args.vocab),
+            callbacks=[StepTimer()],
+        )
+        trainer.train()
+    return times
+
+
+def run_pairopt(
+    model: nn.Module, rows: list[dict], args: argparse.Namespace, clock: Any
+) -> list[float]:
+    """Step times of pairopt's DPO step on the same rows, in the same batches."""
+    from pairopt.engine.forward import compute_logps
+
+    ref = copy.deepcopy(model).eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    pairs = [PreferencePair(r["prompt"], r["chosen"] + [EOS], r["rejected"] + [EOS]) for r in rows]
+    times = []
+    for i in range(0, args.pairs_per_step * (args.steps + args.warmup), args.pairs_per_step):
+        batch = pairs[i : i + args.pairs_per_step]
+        start = clock()
+        with torch.no_grad():
+            reference = compute_logps(ref, batch)
+        policy = compute_logps(model, batch)
+        margin = (policy.chosen_logps - reference.chosen_logps) - (
+            policy.rejected_logps - reference.rejected_logps
+        )
+        loss = -torch.nn.functional.logsigmoid(0.1 * margin).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(clock() - start)
+    return times
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pairopt.peer", description=__doc__.split("\n")[0])
+    p.add_argument("--profile", default="hh_rlhf", help="a profile of pairopt/assets/profiles.json")
+    p.add_argument("--pairs-per-step", type=int, default=4)
+    p.add_argument("--steps", type=int, default=6, help="measured steps")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured steps first")
+    p.add_argument("--jitter", type=float, default=0.25)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=704)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave)")
+    p.add_argument("--timer", choices=("wall", "cpu"), default="wall")
+    p.add_argument("--out", type=Path, default=Path("bench-out"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        import trl
+    except ImportError as err:
+        raise PairoptError(
+            "the peer benchmark needs TRL: pip install 'pairopt[bench]' (or pip install trl)."
+        ) from err
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pairopt.bench import load_profiles
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    profiles = load_profiles()
+    if args.profile not in profiles:
+        raise PairoptError(f"--profile {args.profile!r}: choose from {', '.join(profiles)}.")
+    clock = time.process_time if args.timer == "cpu" else time.perf_counter
+    n = args.pairs_per_step * (args.steps + args.warmup)
+    rows = make_pairs(profiles[args.profile], n, args.jitter, args.vocab, args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def fresh_model() -> nn.Module:
+        torch.manual_seed(args.seed)
+        config = LlamaConfig(
+            hidden_size=args.hidden,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.heads,
+            intermediate_size=args.intermediate,
+            vocab_size=args.vocab,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+            bos_token_id=None,
+            max_position_embeddings=8192,
+        )
+        model: nn.Module = LlamaForCausalLM(config)
+        return model.to(device).train()
+
+    trl_times = run_trl(fresh_model(), rows, args, clock)[args.warmup :]
+    ours = run_pairopt(fresh_model(), rows, args, clock)[args.warmup :]
+    result = {
+        "command": "python -m pairopt.peer " + " ".join(sys.argv[1:] if argv is None else argv),
+        "trl_version": trl.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "timer": args.timer,
+        "profile": args.profile,
+        "pairs_per_step": args.pairs_per_step,
+        "measured_steps": args.steps,
+        "trl_step_s": trl_times,
+        "pairopt_step_s": ours,
+        "trl_pairs_per_s": args.pairs_per_step / statistics.median(trl_times),
+        "pairopt_pairs_per_s": args.pairs_per_step / statistics.median(ours),
+    }
+    result["ratio"] = result["pairopt_pairs_per_s"] / result["trl_pairs_per_s"]
+    print(
+        f"{args.profile}: {args.pairs_per_step} pairs/step, median over {args.steps} steps\n"
+        f"  TRL {trl.__version__} DPOTrainer  {result['trl_pairs_per_s']:8.2f} pairs/s\n"
+        f"  pairopt                {result['pairopt_pairs_per_s']:8.2f} pairs/s\n"
+        f"  pairopt / TRL          {result['ratio']:8.2f}x"
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "peer.json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out / 'peer.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
