@@ -92,6 +92,7 @@ class BenchOptions:
     chunk_size: int = 1024
     measure_memory: bool = True
     timer: str = "wall"  # or "cpu": process CPU time, immune to waiting for a shared CPU
+    breakdown: bool = False  # profile one extra step per mode: attention / matmul / other / layout
 
 
 # ----------------------------------------------------------------------------- data
@@ -259,6 +260,7 @@ class ModeResult:
     rows: int
     row_length: int
     compiles: int
+    breakdown: dict[str, float] | None = None  # seconds by kind of work, one profiled step
     speedup: dict[str, float] = field(default_factory=dict)  # over each baseline
     fraction_of_ideal: float | None = None  # speed-up over the best baseline / ideal
 
@@ -282,8 +284,10 @@ def run_profile(
     log: Callable[[str], None] = print,
 ) -> ProfileResult:
     """Warm-up rounds, then interleaved measured rounds; see the module docstring."""
-    from pairopt.bench_memory import peak_memory, sync
+    from pairopt.bench_measure import peak_memory, step_breakdown, sync
+    from pairopt.engine.attention import cpu_schedule
     from pairopt.engine.layout import build_layout
+    from pairopt.engine.masks import varlen_plan
 
     device = next(model.parameters()).device
     if len(batches) < opts.warmup + opts.steps:
@@ -326,6 +330,15 @@ def run_profile(
         if opts.measure_memory:
             step = functools.partial(train_step, model, measured[0], kwargs[mode], opts)
             memory = peak_memory(device, step)
+        breakdown = None
+        if opts.breakdown and device.type == "cpu":
+            step = functools.partial(train_step, model, measured[0], kwargs[mode], opts)
+
+            def build(kw: dict[str, Any] = kwargs[mode]) -> None:
+                layout = build_layout([p.as_group() for p in measured[0]], **kw)
+                cpu_schedule(varlen_plan(layout))
+
+            breakdown = step_breakdown(step, build)
         results[mode] = ModeResult(
             mode=mode,
             step_s=median_s,
@@ -337,6 +350,7 @@ def run_profile(
             rows=max(lay.shape[0] for lay in layouts),
             row_length=max(lay.shape[1] for lay in layouts),
             compiles=compiles[mode],
+            breakdown=breakdown,
         )
     ideal = ideal_speedup(pairs)
     present = [b for b in BASELINES if b in results]
@@ -389,6 +403,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="LM-head chunk")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="CPU: profile one more step per mode (attention / matmul / other ops / layout)",
+    )
     p.add_argument(
         "--timer",
         choices=("wall", "cpu"),
@@ -467,6 +486,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         chunk_size=args.chunk_size,
         measure_memory=not args.no_memory,
         timer=args.timer,
+        breakdown=args.breakdown,
     )
 
 
@@ -496,7 +516,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pairopt.bench_memory import memory_sweep
+    from pairopt.bench_measure import memory_sweep
     from pairopt.bench_report import environment, format_table, write_chart
 
     argv = list(sys.argv[1:] if argv is None else argv)

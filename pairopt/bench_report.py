@@ -36,6 +36,21 @@ def format_table(results: Sequence[ProfileResult]) -> str:
                 f"{m.pairs_per_s:>9.2f}{mem:>10}{m.packing_efficiency:>9.3f}{sp_text}{frac:>8}"
             )
         lines.append("")
+    if any(m.breakdown for r in results for m in r.modes.values()):
+        lines.append("where the time goes (one profiled step, seconds):")
+        lines.append(
+            f"{'profile':<15}{'mode':<17}{'attention':>10}{'matmul':>9}{'other ops':>10}"
+            f"{'layout':>8}"
+        )
+        for res in results:
+            for m in res.modes.values():
+                if m.breakdown:
+                    b = m.breakdown
+                    lines.append(
+                        f"{res.profile:<15}{m.mode:<17}{b['attention_s']:>10.3f}"
+                        f"{b['matmul_s']:>9.3f}{b['other_ops_s']:>10.3f}{b['layout_s']:>8.3f}"
+                    )
+        lines.append("")
     lines.append(f"{'profile':<15}{'ideal':>7}{'shared-packed vs best unshared':>32}{'% ideal':>9}")
     for res in results:
         sp_mode = res.modes.get("shared-packed")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pairopt import bench
-from pairopt.bench_memory import memory_sweep
+from pairopt.bench_measure import memory_sweep
 from pairopt.cli import main as cli_main
 from pairopt.pairs import PreferencePair
 

@@ -1,11 +1,13 @@
-"""Peak memory of a step, and the LM-head sweep (`pairopt bench --memory-sweep`).
+"""Measurements beyond step time: peak memory, where a step's time goes, the LM-head sweep.
 
 Peak = what torch allocates during the step above what was allocated before it. On CUDA that is
 `torch.cuda.max_memory_allocated`; the CPU allocator keeps no such statistic, so the profiler
 records every allocation and free (`profile_memory=True`) and their running sum, in start order,
-gives the peak. The sweep runs the LM-head log-probs forward + backward at one row count and
-growing vocabularies, chunked (`pairopt.engine.logps.token_logps`) against the naive full
-(T, V) logits, to show that the chunked head's peak stays flat.
+gives the peak. The breakdown sorts the profiler's self times of one step into attention kernels,
+matrix products (the linear layers and the LM head) and the rest, and times the layout building
+(Python) on its own. The sweep runs the LM-head log-probs forward + backward at one row count and
+growing vocabularies, chunked (`pairopt.engine.logps.token_logps`) against the naive full (T, V)
+logits.
 """
 
 from __future__ import annotations
@@ -40,6 +42,32 @@ def peak_memory(device: torch.device, step: Callable[[], None]) -> int:
         current += event.self_cpu_memory_usage  # allocations +, frees -, in start order
         peak = max(peak, current)
     return peak
+
+
+def step_breakdown(step: Callable[[], None], layout_build: Callable[[], None]) -> dict[str, float]:
+    """Seconds of one CPU step by kind of work (the profiler's self times of aten ops), plus the
+    time `layout_build()` takes (layout, varlen plan, CPU schedule: Python, once per step)."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    start = time.perf_counter()
+    layout_build()
+    layout_s = time.perf_counter() - start
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    parts = {"attention_s": 0.0, "matmul_s": 0.0, "other_ops_s": 0.0, "layout_s": layout_s}
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6
+        if not event.key.startswith("aten::"):
+            continue  # autograd / Python wrappers: their aten children carry the time
+        if "attention" in event.key:
+            parts["attention_s"] += seconds  # fused sdpa forward and backward kernels
+        elif event.key in ("aten::mm", "aten::addmm", "aten::bmm"):
+            parts["matmul_s"] += seconds  # linear layers and the LM head
+        else:
+            parts["other_ops_s"] += seconds
+    return parts
 
 
 def head_peak_memory(
