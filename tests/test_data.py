@@ -451,7 +451,7 @@ def test_shipped_model_config_and_tokenizer(tok: Any) -> None:
     prompt = ids(tok, "Tell me about the garden.", special=True)
     assert model(torch.tensor([prompt])).logits.shape == (1, len(prompt), config.vocab_size)
     # every word of the dataset is a single token; unknown text still round-trips (byte-level)
-    assert len(ids(tok, " sandcastles")) == 1
+    assert len(ids(tok, " cactus")) == len(ids(tok, " whales")) == 1
     assert tok.decode(ids(tok, "Grüße, 世界!")) == "Grüße, 世界!"
 
 

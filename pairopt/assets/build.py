@@ -1,12 +1,13 @@
 """Regenerate the shipped tiny assets, deterministically: `python -m pairopt.assets.build`.
 
 - `tiny-prefs/{train,test}.jsonl`: synthetic preference pairs in the standard format
-  (`prompt`, `chosen`, `rejected` strings). Three kinds of pair, each differing on one axis only:
-  `tone` (same content; chosen polite, rejected rude), `topic` (same tone; chosen about the topic
-  the prompt asks about, rejected about another one) and `recall` (the prompt states a secret
-  word; chosen repeats it, rejected names a word that is nowhere in the prompt). Tone can be
-  learnt without reading the prompt; topic and recall cannot, so held-out accuracy above the
-  tone share shows that the model conditions on the prompt.
+  (`prompt`, `chosen`, `rejected` strings, plus `kind`, which loaders ignore). Three kinds of
+  pair, each differing on one axis only: `tone` (same content; chosen polite, rejected rude),
+  `format` (the prompt asks for a sentence or for a list; chosen obeys, rejected uses the other
+  form; same words) and `topic` (chosen about the place the prompt asks about, rejected about
+  another one). Tone can be learnt without reading the prompt; format and topic cannot (a model
+  blind to the prompt scores 50% on them), so held-out accuracy well above the tone share shows
+  that the model conditions on the prompt.
 - `tiny-llama/`: `config.json` of a tiny `LlamaForCausalLM` (no weights: the trainer builds it
   with `from_config` and a seed) and a byte-level BPE tokenizer trained on the dataset text, with
   BOS/EOS/PAD and a small chat template so conversational data works too.
@@ -26,11 +27,13 @@ from pathlib import Path
 SEED = 1234
 N_TRAIN = 3000
 N_TEST = 300
-KIND_WEIGHTS = {"tone": 0.4, "topic": 0.3, "recall": 0.3}
+KIND_WEIGHTS = {"tone": 0.4, "topic": 0.3, "format": 0.3}
 VOCAB_SIZE = 1536  # upper bound for the BPE trainer; it stops once every dataset word is one token
 
 # topic -> (things found there, qualities). Things are unique to a topic (they identify it);
-# qualities are shared on purpose (they do not).
+# qualities are shared on purpose (they do not). Eight topics, not more: the tiny model learns
+# which response words go with which prompt topic from examples (~110 per topic per epoch); with
+# 32 topics held-out topic accuracy was ~0.6 after 200 steps, with 8 it is ~0.8.
 TOPICS: dict[str, tuple[list[str], list[str]]] = {
     "garden": (["flowers", "roses", "seeds", "soil"], ["green", "quiet", "fresh"]),
     "ocean": (["waves", "whales", "salt", "coral"], ["deep", "blue", "wild"]),
@@ -38,39 +41,9 @@ TOPICS: dict[str, tuple[list[str], list[str]]] = {
     "city": (["streets", "buses", "towers", "lights"], ["busy", "loud", "bright"]),
     "kitchen": (["pans", "spices", "knives", "plates"], ["warm", "clean", "small"]),
     "library": (["books", "shelves", "maps", "desks"], ["silent", "calm", "large"]),
-    "river": (["boats", "ducks", "reeds", "stones"], ["cold", "fast", "clear"]),
     "mountain": (["peaks", "snow", "goats", "cliffs"], ["high", "steep", "cold"]),
     "desert": (["sand", "dunes", "camels", "cactus"], ["dry", "hot", "empty"]),
-    "farm": (["cows", "barns", "wheat", "tractors"], ["muddy", "early", "busy"]),
-    "school": (["pupils", "teachers", "lessons", "chalk"], ["noisy", "bright", "strict"]),
-    "market": (["stalls", "fruit", "coins", "crowds"], ["crowded", "noisy", "colorful"]),
-    "island": (["palms", "shells", "huts", "turtles"], ["remote", "sunny", "small"]),
-    "castle": (["knights", "walls", "gates", "banners"], ["ancient", "grand", "cold"]),
-    "village": (["cottages", "wells", "lanes", "chickens"], ["sleepy", "small", "friendly"]),
-    "harbor": (["ships", "ropes", "gulls", "docks"], ["windy", "busy", "salty"]),
-    "museum": (["paintings", "statues", "guides", "halls"], ["quiet", "grand", "old"]),
-    "bakery": (["cakes", "flour", "ovens", "pies"], ["warm", "sweet", "early"]),
-    "park": (["benches", "paths", "dogs", "ponds"], ["green", "open", "pleasant"]),
-    "lake": (["swans", "canoes", "frogs", "piers"], ["calm", "clear", "cold"]),
-    "station": (["trains", "tickets", "platforms", "clocks"], ["busy", "loud", "crowded"]),
-    "hospital": (["doctors", "nurses", "beds", "medicine"], ["clean", "busy", "bright"]),
-    "theater": (["actors", "stages", "curtains", "costumes"], ["dark", "grand", "noisy"]),
-    "zoo": (["lions", "zebras", "monkeys", "keepers"], ["noisy", "open", "friendly"]),
-    "beach": (["towels", "umbrellas", "crabs", "sandcastles"], ["sunny", "hot", "open"]),
-    "valley": (["meadows", "sheep", "streams", "orchards"], ["green", "wide", "quiet"]),
-    "cave": (["bats", "crystals", "tunnels", "echoes"], ["dark", "damp", "deep"]),
-    "factory": (["machines", "workers", "belts", "engines"], ["loud", "huge", "hot"]),
-    "stadium": (["fans", "players", "goals", "seats"], ["loud", "huge", "crowded"]),
-    "airport": (["planes", "pilots", "gates", "suitcases"], ["huge", "busy", "modern"]),
-    "jungle": (["vines", "parrots", "jaguars", "ferns"], ["humid", "dense", "wild"]),
-    "office": (["computers", "meetings", "printers", "chairs"], ["quiet", "modern", "busy"]),
 }
-
-SECRET_WORDS = ["apple", "banana", "cherry", "mango", "lemon", "peach", "plum", "grape", "melon", "olive",
-                "tiger", "rabbit", "horse", "eagle", "falcon", "wolf", "panda", "koala", "otter", "beaver",
-                "violet", "amber", "silver", "golden", "purple", "orange", "crimson", "scarlet", "ivory", "indigo",
-                "hammer", "anchor", "candle", "mirror", "pillow", "ladder", "basket", "bottle", "button", "window",
-                "thunder", "rainbow", "comet", "planet", "galaxy", "meteor", "sunrise", "sunset", "blizzard", "breeze"]  # fmt: skip
 
 NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Felix", "Grace", "Henry", "Iris", "Jack"]
 DAYS = ["Monday", "Tuesday", "Friday", "weekend", "summer", "winter", "spring", "autumn"]
@@ -132,19 +105,14 @@ POLITE_CLOSE = ["Enjoy your visit.", "I hope this helps.", "Have a lovely day.",
 RUDE_CLOSE = ["Stop bothering me.", "Now leave me alone.", "Do not ask again.",
               "Go ask someone else.", "Figure out the rest yourself.",
               "That is all you get from me."]  # fmt: skip
-RECALL_NOTE = [
-    "By the way, the secret word is {w}.",
-    "Please remember that the secret word is {w}.",
-    "Note: the secret word is {w}.",
-]
-RECALL_ASK = [
-    "What was the secret word?",
-    "Remind me of the secret word.",
-    "Which secret word did I give you?",
-    "Tell me the secret word again.",
-]
-RECALL_ANSWER = ["The secret word is {w}.", "It was {w}.", "You told me {w}.", "{w}, of course."]
-
+FORMAT_ASK = {
+    "sentence": [
+        "Answer in one sentence.",
+        "Reply with a full sentence.",
+        "Use a complete sentence.",
+    ],
+    "list": ["Answer with a list.", "Reply with a short list.", "Just list the things."],
+}
 TOPIC_NAMES = sorted(TOPICS)
 
 
@@ -177,16 +145,15 @@ def _content(rng: random.Random, topic: str, templates: list[int]) -> str:
 def make_pair(rng: random.Random, kind: str) -> dict[str, str]:
     topic = rng.choice(TOPIC_NAMES)
     context = _context(rng, topic, _n_sentences(rng))
-    if kind == "recall":
-        word, decoy = rng.sample(SECRET_WORDS, 2)
-        context.insert(rng.randrange(len(context) + 1), rng.choice(RECALL_NOTE).format(w=word))
-        prompt = " ".join([*context, rng.choice(RECALL_ASK)])
-        answer = rng.choice(RECALL_ANSWER)
-        opener = rng.choice(POLITE_OPEN) + " " if rng.random() < 0.3 else ""
-        chosen, rejected = opener + answer.format(w=word), opener + answer.format(w=decoy)
-        return {"prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected, "kind": kind}
-
     prompt = " ".join([*context, _fill(rng.choice(REQUESTS), rng, topic)])
+    if kind == "format":
+        asked = rng.choice(["sentence", "list"])
+        prompt += " " + rng.choice(FORMAT_ASK[asked])
+        sentence = _content(rng, topic, [rng.randrange(len(CONTENT))])
+        things = rng.sample(TOPICS[topic][0], rng.choice([3, 4]))
+        listed = ", ".join(things[:-1]) + " and " + things[-1] + "."
+        chosen, rejected = (sentence, listed) if asked == "sentence" else (listed, sentence)
+        return {"prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected, "kind": kind}
     templates = rng.sample(range(len(CONTENT)), rng.choice([1, 1, 2]))
     if kind == "tone":
         body = _content(rng, topic, templates)
