@@ -266,6 +266,12 @@ class OptimConfig(BaseModel):
         default="no",
         description="accelerate mixed precision (autocast); 'no' = the weights' dtype.",
     )
+    cpu_threads: int | None = Field(
+        default=None,
+        gt=0,
+        description="torch intra-op threads when training on the CPU; null = torch's default "
+        "(one per core). 1 suits tiny models and shared cores (more threads only spin).",
+    )
     seed: int = Field(
         default=42, ge=0, description="Seeds weights built from a config, data split and order."
     )

@@ -137,6 +137,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     say("pairopt train: resolved config")
     say(_indent(cfg.to_yaml()))
 
+    if cfg.optim.cpu_threads is not None and accelerator.device.type == "cpu":
+        torch.set_num_threads(cfg.optim.cpu_threads)
     set_seed(cfg.optim.seed)
     tokenizer = load_tokenizer(cfg)
     data = load_preference_data(cfg.data, tokenizer, seed=cfg.optim.seed)
