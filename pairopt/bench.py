@@ -8,9 +8,9 @@ Modes, all through `compute_logps` on the same model and the same batches (DESIG
     shared-packed     shared segments bin-packed (pairopt's default)
 
 Ideal speed-up of sharing = unshared tokens / shared tokens = sum(2P + C + R) / sum(P + C + R)
-over the measured pairs. The speed-up of a mode over a baseline is the baseline's step time over
-the mode's, on the same pairs; the *fraction of the ideal* is the speed-up over the best unshared
-mode divided by the ideal. A step is `compute_logps` (layout building included), a reference-free
+over the measured pairs. The speed-up of a mode over a baseline is the median over rounds of the
+baseline's step time over the mode's on the same batch; the best unshared mode is the one with
+the least total time; the *fraction of the ideal* is the speed-up over it divided by the ideal. A step is `compute_logps` (layout building included), a reference-free
 DPO loss and `backward()`; no optimiser step (it costs the same in every mode).
 
 Rounds interleave the modes (each round runs every mode once, on the same batch, in a rotating
@@ -260,6 +260,7 @@ class ModeResult:
     rows: int
     row_length: int
     compiles: int
+    attn_implementation: str  # what backend="auto" (or the option) ran: the model's setting
     breakdown: dict[str, float] | None = None  # seconds by kind of work, one profiled step
     speedup: dict[str, float] = field(default_factory=dict)  # over each baseline
     fraction_of_ideal: float | None = None  # speed-up over the best baseline / ideal
@@ -300,6 +301,7 @@ def run_profile(
     times: dict[str, list[float]] = {m: [] for m in opts.modes}
     clock = time.process_time if opts.timer == "cpu" else time.perf_counter
     compiles = dict.fromkeys(opts.modes, 0)
+    implementation = dict.fromkeys(opts.modes, "")
     for r, batch in enumerate(batches[: opts.warmup + opts.steps]):
         order = list(opts.modes[r % len(opts.modes) :] + opts.modes[: r % len(opts.modes)])
         for mode in order:
@@ -311,6 +313,7 @@ def run_profile(
             if r >= opts.warmup:
                 times[mode].append(clock() - start)
             compiles[mode] += compile_count() - before
+            implementation[mode] = str(getattr(model.config, "_attn_implementation", ""))
         log(f"  {name}: round {r + 1}/{opts.warmup + opts.steps} done")
 
     pairs = [p for b in measured for p in b]
@@ -350,13 +353,19 @@ def run_profile(
             rows=max(lay.shape[0] for lay in layouts),
             row_length=max(lay.shape[1] for lay in layouts),
             compiles=compiles[mode],
+            attn_implementation=implementation[mode],
             breakdown=breakdown,
         )
     ideal = ideal_speedup(pairs)
     present = [b for b in BASELINES if b in results]
-    best = min(present, key=lambda b: results[b].step_s) if present else ""
+    best = min(present, key=lambda b: sum(times[b])) if present else ""
     for res in results.values():
-        res.speedup = {b: results[b].step_s / res.step_s for b in present}
+        # paired: each round ran every mode on the same batch, so the per-round ratio cancels
+        # the batch-to-batch variation in size that a ratio of medians would keep
+        res.speedup = {
+            b: statistics.median(tb / tm for tb, tm in zip(times[b], times[res.mode], strict=True))
+            for b in present
+        }
         if best:
             res.fraction_of_ideal = res.speedup[best] / ideal
     return ProfileResult(
@@ -601,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "bench.txt").write_text(table + "\n")
     print(f"wrote {args.out / 'bench.json'}")
     if not args.no_png:
-        title = f"pairopt bench ({report['environment'].get('gpu', 'CPU')}, {dtype})"
+        title = f"pairopt bench ({report['environment'].get('gpu', 'CPU')}, {report['dtype']})"
         if write_chart(results, args.out / "bench.png", title):
             print(f"wrote {args.out / 'bench.png'}")
     return 0

@@ -101,6 +101,16 @@ def write_chart(results: Sequence[ProfileResult], path: Path, title: str) -> boo
     return True
 
 
+def _cpu_name() -> str:
+    try:  # Linux names the CPU model here; platform.processor() is often empty
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     import transformers
 
@@ -110,7 +120,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "device": str(device),
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
