@@ -124,3 +124,24 @@ def test_auto_matches_sdpa_and_leaves_model_usable():
     with torch.no_grad():
         plain = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(plain[mask.bool()], plain_sdpa[mask.bool()], **TOL)
+
+
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("window", [None, 7])
+def test_chunked_block_mask_equals_create_block_mask(share, window):
+    """The BlockMask built query-chunk by chunk lists the same partial and full blocks as
+    create_block_mask over the whole grid; rows of 704 tokens end inside a 128-block."""
+    from pairopt.engine.attention import flex_block_mask_chunked
+    from pairopt.engine.masks import flex_block_mask
+
+    rng = random.Random(int(share) * 2 + (window is None))
+    groups = [
+        ResponseGroup([1] * rng.randint(1, 150), [[2] * rng.randint(1, 100) for _ in range(2)])
+        for _ in range(9)
+    ]
+    layout = build_layout(groups, share_prefix=share, max_tokens_per_row=700, bucket_size=64)
+    ref = flex_block_mask(layout, window)
+    got = flex_block_mask_chunked(layout, window, rows=256)
+    assert torch.equal(got.to_dense(), ref.to_dense())
+    assert torch.equal(got.kv_num_blocks, ref.kv_num_blocks)
+    assert torch.equal(got.full_kv_num_blocks, ref.full_kv_num_blocks)

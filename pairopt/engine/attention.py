@@ -35,10 +35,11 @@ from pairopt.engine.layout import Layout
 from pairopt.engine.masks import (
     VarlenPlan,
     eager_mask,
-    flex_block_mask,
+    flex_mask_mod,
     layer_masks,
     sdpa_mask,
     varlen_plan,
+    visible,
 )
 from pairopt.errors import PairoptError
 
@@ -168,8 +169,68 @@ def model_inputs(model: nn.Module, layout: Layout, backend: str) -> dict[str, An
         dtype = next(model.parameters()).dtype
         mask = layer_masks(layer_types, window, lambda w: eager_mask(layout, dtype, w))
     else:
-        mask = layer_masks(layer_types, window, lambda w: flex_block_mask(layout, w))
+        mask = layer_masks(layer_types, window, lambda w: flex_block_mask_chunked(layout, w))
     return {"attention_mask": mask}
+
+
+def flex_block_mask_chunked(
+    layout: Layout, window: int | None = None, block_size: int = 128, rows: int = 1024
+) -> Any:
+    """The BlockMask of `masks.flex_block_mask`, built without an (L, L) tensor.
+
+    `create_block_mask` evaluates the rule on the whole (B, L, L) grid at once, with several
+    int64 temporaries of that size: gigabytes for one packed row of 20k tokens. Here the rule
+    runs `rows` queries at a time on the layout's device, each chunk is reduced to its blocks
+    (any visible pair: computed; all visible: a full block, no mask_mod needed), and the
+    BlockMask is assembled from the block lists. Blocks that straddle the row end count as
+    partial, which is exact (the mask_mod decides there). Tested equal to flex_block_mask.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, L = layout.shape
+    doc, branch, pos = layout.doc_ids, layout.branch_ids, layout.position_ids  # (B, L)
+    n = -(-L // block_size)  # blocks per side
+    idx = torch.arange(L, device=doc.device)
+    any_BQK = torch.zeros(B, n, n, dtype=torch.bool, device=doc.device)
+    all_BQK = torch.zeros_like(any_BQK)
+    step = max(1, rows // block_size) * block_size
+    for start in range(0, L, step):
+        stop = min(L, start + step)
+        allowed = visible(  # (B, r, L)
+            doc[:, start:stop, None],
+            doc[:, None, :],
+            branch[:, start:stop, None],
+            branch[:, None, :],
+            idx[start:stop, None],
+            idx[None, :],
+            pos[:, start:stop, None],
+            pos[:, None, :],
+            window,
+        )
+        r = -(-(stop - start) // block_size)
+        allowed = F.pad(allowed, (0, n * block_size - L, 0, r * block_size - (stop - start)))
+        blocks = allowed.view(B, r, block_size, n, block_size)
+        q0 = start // block_size
+        any_BQK[:, q0 : q0 + r] = blocks.any(dim=4).any(dim=2)
+        all_BQK[:, q0 : q0 + r] = blocks.all(dim=4).all(dim=2)
+
+    def ordered(dense_BQK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # (B, 1, n) block counts and (B, 1, n, n) kv-block indices, the listed ones first
+        num = dense_BQK.sum(-1).to(torch.int32)
+        order = torch.argsort(dense_BQK.to(torch.int8), dim=-1, descending=True, stable=True)
+        return num[:, None], order.to(torch.int32)[:, None]
+
+    kv_num, kv_indices = ordered(any_BQK & ~all_BQK)
+    full_num, full_indices = ordered(all_BQK)
+    return BlockMask.from_kv_blocks(
+        kv_num,
+        kv_indices,
+        full_num,
+        full_indices,
+        BLOCK_SIZE=block_size,
+        mask_mod=flex_mask_mod(layout, window),
+        seq_lengths=(L, L),
+    )
 
 
 # ----------------------------------------------------------------------------- varlen backend
