@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(rest) or 0)
     except PairoptError as err:
         message = (
-            textwrap.fill(str(err), width=100, break_long_words=False)
+            textwrap.fill(str(err), width=100, break_long_words=False, break_on_hyphens=False)
             if "\n" not in str(err)
             else str(err)
         )
