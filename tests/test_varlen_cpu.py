@@ -1,9 +1,10 @@
 """The CPU varlen schedule computes exactly the plan's attention; the auto rule; plain calls.
 
-`cpu_blocks_attention` (merged / square / masked fused blocks) is checked against
+`cpu_blocks_attention` (merged square blocks, the two-part PromptOwnAttention, and the
+fallbacks: square blocks keeping their last rows, explicit masks) is checked against
 `varlen_emulation` (one explicit bottom-right mask per plan block), values and gradients, on
 shared and unshared layouts, packed and padded, k = 2 and 3, prompts shorter and longer than
-the responses (both branches of the square-vs-mask choice).
+the responses; with and without the fused CPU ops (the fallbacks).
 """
 
 from __future__ import annotations
@@ -46,7 +47,12 @@ def _llama(**kw):
 @pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("packing", [True, False])
-def test_schedule_equals_emulation(share, k, packing):
+@pytest.mark.parametrize("fused", [True, False])
+def test_schedule_equals_emulation(share, k, packing, fused, monkeypatch):
+    if not fused:
+        from pairopt.engine import attention
+
+        monkeypatch.setattr(attention, "_flash_cpu_ops", lambda: None)
     rng = random.Random(k * 10 + share * 2 + packing)
     groups = [
         ResponseGroup([1] * rng.randint(1, 14), [[2] * rng.randint(1, 14) for _ in range(k)])
@@ -79,15 +85,22 @@ def test_schedule_equals_emulation(share, k, packing):
     assert len(sched.keep) < len(plan.cu_seqlens_q) - 1
 
 
-def test_schedule_choices():
-    """P=2, C=6 (response longer than the prompt): the later response runs square (waste
-    P^2/2 = 2 < Q^2/2 = 18). P=9, C=2: it runs with the mask (waste 2 < 40.5)."""
-    short = build_layout([ResponseGroup([1, 1], [[2] * 6, [3] * 6])], bucket_size=1)
-    long = build_layout([ResponseGroup([1] * 9, [[2] * 2, [3] * 2])], bucket_size=1)
-    s1, s2 = cpu_schedule(varlen_plan(short)), cpu_schedule(varlen_plan(long))
-    # [prompt ; chosen] merged (8 rows), rejected over [prompt ; rejected] keeping 6 rows
-    assert (s1.q_sizes, s1.keep, s1.masked) == ([8, 8], [8, 6], [False, False])
-    assert (s2.q_sizes, s2.k_sizes, s2.masked) == ([11, 2], [11, 11], [False, True])
+def test_schedule_choices(monkeypatch):
+    """Prompt + chosen always merge into one square block. The rejected response runs as the
+    two-part PromptOwnAttention; without torch's fused CPU ops it falls back to a square block
+    keeping its own rows when the prompt is shorter (P=2, C=6: waste P^2/2 = 2 < Q^2/2 = 18),
+    else to the explicit mask (P=9, C=2: waste Q^2/2 = 2 < P^2/2 = 40.5)."""
+    from pairopt.engine import attention
+
+    short = varlen_plan(build_layout([ResponseGroup([1, 1], [[2] * 6, [3] * 6])], bucket_size=1))
+    long = varlen_plan(build_layout([ResponseGroup([1] * 9, [[2] * 2, [3] * 2])], bucket_size=1))
+    s1, s2 = cpu_schedule(short), cpu_schedule(long)
+    assert (s1.q_sizes, s1.k_sizes, s1.kind) == ([8, 6], [8, 8], ["causal", "split"])
+    assert (s2.q_sizes, s2.k_sizes, s2.kind) == ([11, 2], [11, 11], ["causal", "split"])
+    monkeypatch.setattr(attention, "_flash_cpu_ops", lambda: None)
+    s1, s2 = cpu_schedule(short), cpu_schedule(long)
+    assert (s1.q_sizes, s1.keep, s1.kind) == ([8, 8], [8, 6], ["causal", "causal"])
+    assert (s2.q_sizes, s2.kind) == ([11, 2], ["causal", "masked"])
 
 
 def test_auto_rule_on_cpu():
