@@ -463,6 +463,14 @@ def cpu_blocks_attention(
         kb = k_KHD.transpose(0, 1)[None]  # (1, H, K, D)
         vb = v_KHD.transpose(0, 1)[None]
         Q, K = qb.shape[2], kb.shape[2]
+        if kind == SPLIT and (
+            torch.is_autocast_enabled("cpu")
+            or not qb.dtype == kb.dtype == vb.dtype
+            or qb.dtype not in (torch.float32, torch.float64)
+        ):
+            # The raw fused op bypasses autocast and takes one dtype; its log-sum-exp merge is
+            # checked in fp32/fp64 only. sdpa with the explicit mask handles the rest.
+            kind = MASKED
         if kind == SPLIT:
             P = K - Q
             ob = PromptOwnAttention.apply(
