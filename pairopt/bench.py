@@ -92,7 +92,7 @@ class BenchOptions:
     chunk_size: int = 1024
     measure_memory: bool = True
     timer: str = "wall"  # or "cpu": process CPU time, immune to waiting for a shared CPU
-    breakdown: bool = False  # profile one extra step per mode: attention / matmul / other / layout
+    breakdown: bool = False  # profile the batches once more: attention / matmul / other / layout
 
 
 # ----------------------------------------------------------------------------- data
@@ -261,7 +261,7 @@ class ModeResult:
     row_length: int
     compiles: int
     attn_implementation: str  # what backend="auto" (or the option) ran: the model's setting
-    breakdown: dict[str, float] | None = None  # seconds by kind of work, one profiled step
+    breakdown: dict[str, float] | None = None  # seconds by kind of work, over the batches
     speedup: dict[str, float] = field(default_factory=dict)  # over each baseline
     fraction_of_ideal: float | None = None  # speed-up over the best baseline / ideal
 
@@ -333,15 +333,18 @@ def run_profile(
         if opts.measure_memory:
             step = functools.partial(train_step, model, measured[0], kwargs[mode], opts)
             memory = peak_memory(device, step)
-        breakdown = None
+        breakdown: dict[str, float] | None = None
         if opts.breakdown and device.type == "cpu":
-            step = functools.partial(train_step, model, measured[0], kwargs[mode], opts)
+            breakdown = {}
+            for batch in measured:  # summed over the measured batches: one step is noisy
+                step = functools.partial(train_step, model, batch, kwargs[mode], opts)
 
-            def build(kw: dict[str, Any] = kwargs[mode]) -> None:
-                layout = build_layout([p.as_group() for p in measured[0]], **kw)
-                cpu_schedule(varlen_plan(layout))
+                def build(kw: dict[str, Any] = kwargs[mode], b: Any = batch) -> None:
+                    layout = build_layout([p.as_group() for p in b], **kw)
+                    cpu_schedule(varlen_plan(layout))
 
-            breakdown = step_breakdown(step, build)
+                for part, seconds in step_breakdown(step, build).items():
+                    breakdown[part] = breakdown.get(part, 0.0) + seconds
         results[mode] = ModeResult(
             mode=mode,
             step_s=median_s,
@@ -415,7 +418,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--breakdown",
         action="store_true",
-        help="CPU: profile one more step per mode (attention / matmul / other ops / layout)",
+        help="CPU: profile each measured batch once more per mode (attention / matmul / "
+        "other ops / layout)",
     )
     p.add_argument(
         "--timer",

@@ -37,7 +37,7 @@ def format_table(results: Sequence[ProfileResult]) -> str:
             )
         lines.append("")
     if any(m.breakdown for r in results for m in r.modes.values()):
-        lines.append("where the time goes (one profiled step, seconds):")
+        lines.append("where the time goes (seconds, summed over the measured batches):")
         lines.append(
             f"{'profile':<15}{'mode':<17}{'attention':>10}{'matmul':>9}{'other ops':>10}"
             f"{'layout':>8}"

@@ -81,9 +81,7 @@ def as_text(row: dict[str, list[int]]) -> dict[str, str]:
     }
 
 
-def run_trl(
-    model: Any, rows: list[dict], args: argparse.Namespace, clock: Any
-) -> list[float]:
+def run_trl(model: Any, rows: list[dict], args: argparse.Namespace, clock: Any) -> list[float]:
     """Step times of TRL's DPOTrainer on `rows`, in order."""
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
