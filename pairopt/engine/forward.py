@@ -20,12 +20,12 @@ from torch import nn
 from pairopt.engine.attention import model_inputs, resolve_backend, set_implementation
 from pairopt.engine.compat import check_dropout, check_shareable, unsupported_reason
 from pairopt.engine.layout import Layout, build_layout
-from pairopt.engine.logps import make_head, token_logps
+from pairopt.engine.logps import default_chunk_size, make_head, token_logps
 from pairopt.pairs import PairLogps, PreferencePair, ResponseGroup, ResponseLogps
 
 
 def forward_layout(
-    model: nn.Module, layout: Layout, *, backend: str = "auto", chunk_size: int = 1024
+    model: nn.Module, layout: Layout, *, backend: str = "auto", chunk_size: int | None = None
 ) -> ResponseLogps:
     """Run a prepared layout through the model; `backend` must be usable for the model."""
     device = next(model.parameters()).device
@@ -43,6 +43,8 @@ def forward_layout(
     out = backbone(input_ids=layout.input_ids, use_cache=False, **inputs)
     hidden_BLD = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     hidden_TD = hidden_BLD.reshape(-1, hidden_BLD.shape[-1])[layout.score_src]  # (T, D)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(model.get_output_embeddings().weight.shape[0])  # type: ignore[operator]
     logps_T = token_logps(make_head(model), hidden_TD, layout.score_tgt, chunk_size)
     R = layout.num_groups * layout.k
     sums_R = logps_T.new_zeros(R).index_add(0, layout.score_owner, logps_T)
@@ -61,7 +63,7 @@ def compute_response_logps(
     packing: bool = True,
     max_tokens_per_row: int | None = None,
     bucket_size: int = 64,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> ResponseLogps:
     """Summed log-probs (G, k) and token counts (G, k) of every response of every group.
 
@@ -69,6 +71,7 @@ def compute_response_logps(
         layout, one [prompt | response] per segment).
     packing: several segments per row up to `max_tokens_per_row` (None: the longest segment).
     backend: "auto", "sdpa", "eager", "flex" or "varlen" (see pairopt.engine.attention).
+    chunk_size: LM-head rows per chunk (None: a 128 MiB fp32 logits budget, 2**25 // vocab).
     Models that cannot be masked (see pairopt.engine.compat) are refused unless both
     share_prefix and packing are off. Dropout must be off in train mode
     (pairopt.disable_dropout). The model's attention implementation is switched to the
@@ -96,7 +99,7 @@ def compute_logps(
     packing: bool = True,
     max_tokens_per_row: int | None = None,
     bucket_size: int = 64,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> PairLogps:
     """Per-pair summed log-probs and token counts of chosen and rejected; differentiable.
 

@@ -22,6 +22,14 @@ from torch.utils.checkpoint import checkpoint
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 
+# Default chunk: as many rows as fit 2**25 fp32 logits (128 MiB), so peak memory stays flat as
+# the vocabulary grows (measured in docs/benchmarks.md; ~1,000 rows at a 32k vocabulary).
+LOGITS_BUDGET = 2**25
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    return max(1, LOGITS_BUDGET // max(1, vocab_size))
+
 
 def make_head(model: nn.Module) -> Head:
     """hidden (T, D) -> logits (T, V) exactly as the model's own forward computes them."""
