@@ -43,6 +43,10 @@ def registry():
     yield loss_registry._REGISTRY
     loss_registry._REGISTRY.clear()
     loss_registry._REGISTRY.update(saved)
+    # a loss module imported during the test would otherwise stay imported with its losses
+    # gone from the registry, and the next import of it would register nothing
+    for name in [m for m in sys.modules if m.startswith("pairopt_loss_module_")]:
+        del sys.modules[name]
 
 
 def test_register_in_the_test_file_and_build_by_name(registry):
