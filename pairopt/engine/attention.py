@@ -5,7 +5,7 @@
 | sdpa    | "sdpa"              | (B, 1, L, L) bool (or a dict per type) | -                        |
 | eager   | "eager"             | (B, 1, L, L) additive float            | -                        |
 | flex    | "flex_attention"    | BlockMask (or a dict per layer type)   | -                        |
-| varlen  | "pairopt_varlen"    | None                                   | pairopt_varlen_plan=plan |
+| varlen  | "pairopt_varlen"    | empty (B, 1, 0, 0) bool: builds none   | pairopt_varlen_plan=plan |
 
 transformers returns a 4D tensor or BlockMask given as `attention_mask` unchanged, and passes
 extra model kwargs down to the registered attention function. The varlen function is
