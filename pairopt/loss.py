@@ -253,15 +253,27 @@ def _load_entry_points() -> None:
             )
 
 
+def _defining_file(cls: type) -> str | None:
+    """The file that defines `cls`, also while its module is still executing outside sys.modules."""
+    try:
+        return inspect.getsourcefile(cls)
+    except TypeError:  # module not in sys.modules (spec_from_file_location + exec_module)
+        pass
+    for value in vars(cls).values():
+        code = getattr(getattr(value, "__func__", value), "__code__", None)
+        if code is not None:
+            return str(code.co_filename)
+    return None
+
+
 def _same_definition(a: type, b: type) -> bool:
     """True when `b` is `a` defined again: a reload, or a script imported both as __main__ and by path."""
     if a.__qualname__ != b.__qualname__:
         return False
-    try:
-        file_a, file_b = inspect.getsourcefile(a), inspect.getsourcefile(b)
-    except TypeError:
+    file_a, file_b = _defining_file(a), _defining_file(b)
+    if file_a is None or file_b is None or not (os.path.exists(file_a) and os.path.exists(file_b)):
         return False
-    return file_a is not None and file_b is not None and os.path.samefile(file_a, file_b)
+    return os.path.samefile(file_a, file_b)
 
 
 def register_loss(name: str) -> Callable[[L], L]:

@@ -99,7 +99,7 @@ def test_loss_params_are_coerced_by_the_plugin_config() -> None:
     assert [term["name"] for term in combined.loss.params["terms"]] == ["dpo", "sft"]
 
 
-def test_loss_module_registers_before_validation(tmp_path: Path) -> None:
+def test_loss_module_registers_before_validation(registry, tmp_path: Path) -> None:
     module = tmp_path / "my_losses.py"
     module.write_text(
         "from pydantic import Field\n"

@@ -35,20 +35,6 @@ REFERENCE = PairLogps(
 )
 
 
-@pytest.fixture
-def registry():
-    """Whatever a test registers is gone afterwards, so tests do not leak losses into each other."""
-    pairopt.available_losses()  # built-ins loaded before the snapshot
-    saved = dict(loss_registry._REGISTRY)
-    yield loss_registry._REGISTRY
-    loss_registry._REGISTRY.clear()
-    loss_registry._REGISTRY.update(saved)
-    # a loss module imported during the test would otherwise stay imported with its losses
-    # gone from the registry, and the next import of it would register nothing
-    for name in [m for m in sys.modules if m.startswith("pairopt_loss_module_")]:
-        del sys.modules[name]
-
-
 def test_register_in_the_test_file_and_build_by_name(registry):
     """Nothing installed: a class registered here is found by name, validated, and computes."""
 
@@ -93,25 +79,42 @@ def test_duplicate_name_is_an_error(registry):
     assert pairopt.get_loss_class("dpo").__module__ == "losses.dpo"
 
 
-def test_reregistering_the_same_definition_is_allowed(registry, tmp_path, monkeypatch):
+@pytest.mark.parametrize("first_in_sys_modules", [True, False])
+def test_reregistering_the_same_definition_is_allowed(
+    registry, tmp_path, monkeypatch, first_in_sys_modules
+):
     """A reload, or a script run as __main__ that is also imported by path, defines the class
-    again from the same file: that is not a conflict."""
+    again from the same file: that is not a conflict. Also when the first import never entered
+    sys.modules (spec_from_file_location + exec_module, as a test or a notebook does)."""
     path = tmp_path / "twice_losses.py"
     path.write_text(
         "import pairopt\n\n@pairopt.register_loss('test_twice')\n"
-        "class Twice(pairopt.PairLoss):\n    'Twice.'\n"
+        "class Twice(pairopt.PairLoss):\n    'Twice.'\n\n"
+        "    def compute(self, policy, reference):\n        raise NotImplementedError\n"
     )
     classes = []
     for module_name in ("twice_as_main", "twice_losses"):
         spec = importlib.util.spec_from_file_location(module_name, path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
-        # as Python does for __main__ and for imports
-        monkeypatch.setitem(sys.modules, module_name, module)
+        if first_in_sys_modules or module_name == "twice_losses":
+            monkeypatch.setitem(sys.modules, module_name, module)  # as Python does for imports
         spec.loader.exec_module(module)
         classes.append(module.Twice)
     assert classes[0] is not classes[1]
     assert pairopt.get_loss_class("test_twice") is classes[1]
+
+
+def test_same_name_from_another_file_is_still_refused(registry, tmp_path):
+    for stem in ("one_file", "other_file"):
+        (tmp_path / f"{stem}.py").write_text(
+            "import pairopt\n\n@pairopt.register_loss('test_clash')\n"
+            "class Clash(pairopt.PairLoss):\n    'Clash.'\n\n"
+            "    def compute(self, policy, reference):\n        raise NotImplementedError\n"
+        )
+    loss_registry.load_loss_module(str(tmp_path / "one_file.py"))
+    with pytest.raises(PairoptError, match="'test_clash' is already registered"):
+        loss_registry.load_loss_module(str(tmp_path / "other_file.py"))
 
 
 def test_register_refuses_what_is_not_a_loss(registry):
@@ -264,7 +267,7 @@ def test_example_custom_loss_registers_and_builds(registry):
 
 
 @pytest.mark.slow
-def test_example_custom_loss_trains():
+def test_example_custom_loss_trains(registry):
     """The example's training loop: 5 steps on a tiny Llama with the shared forward lower the loss."""
     import importlib.util
 

@@ -16,19 +16,6 @@ from pairopt.loss import available_losses, get_loss_class
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def registry():
-    available_losses()
-    saved = dict(loss_registry._REGISTRY)
-    yield
-    loss_registry._REGISTRY.clear()
-    loss_registry._REGISTRY.update(saved)
-    # a loss module imported during the test would otherwise stay imported with its losses
-    # gone from the registry, and the next import of it would register nothing
-    for name in [m for m in sys.modules if m.startswith("pairopt_loss_module_")]:
-        del sys.modules[name]
-
-
 def test_listing_shows_every_loss_its_reference_need_and_parameters(capsys):
     assert loss_table.main([]) == 0
     out = capsys.readouterr().out
