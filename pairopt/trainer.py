@@ -165,7 +165,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         policy = apply_lora(policy, cfg)
     if cfg.model.gradient_checkpointing:
         hf: Any = hf_model(policy)
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        no_reentrant = {"use_reentrant": False}
+        if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=no_reentrant)
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=no_reentrant)
         hf.config.use_cache = False
     if reference is not None and isinstance(reference, LazyAdapter):
         reference = reference.bind(policy, engine_kwargs, accelerator.autocast)
