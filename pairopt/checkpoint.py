@@ -12,6 +12,10 @@ from torch import nn
 
 from pairopt.config import TrainConfig
 from pairopt.errors import PairoptError
+from pairopt.run_log import flat_config
+
+# Settings that do not change what a resumed run computes: where it writes, what it prints.
+_NOT_TRAJECTORY = ("checkpoint.", "output.", "logging.", "eval.")
 
 
 def save_checkpoint(
@@ -22,7 +26,9 @@ def save_checkpoint(
     accelerator.save_state(str(directory))
     if accelerator.is_main_process:
         (directory / "trainer_state.json").write_text(
-            json.dumps({"step": step, "train_fingerprint": train_fp})
+            json.dumps(
+                {"step": step, "train_fingerprint": train_fp, "config": flat_config(cfg)}, indent=1
+            )
         )
         if cfg.checkpoint.keep_last is not None:
             for old in list_checkpoints(output)[: -cfg.checkpoint.keep_last]:
@@ -58,6 +64,22 @@ def find_checkpoint(resume: str, output: Path) -> Path:
             f"--resume {resume}: neither a checkpoint (no trainer_state.json) nor a run with checkpoints/"
         )
     return found[-1]
+
+
+def changed_settings(state: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """Settings of `cfg` that differ from those the checkpoint was written with, as "key: old -> new".
+
+    Empty for checkpoints written before trainer_state.json held the config.
+    """
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        return []
+    now = flat_config(cfg)
+    return [
+        f"{key}: {saved.get(key, '(unset)')} -> {now.get(key, '(unset)')}"
+        for key in sorted(set(saved) | set(now))
+        if not key.startswith(_NOT_TRAJECTORY) and saved.get(key) != now.get(key)
+    ]
 
 
 def output_dir(cfg: TrainConfig) -> str:

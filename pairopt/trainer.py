@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from pairopt.checkpoint import (
+    changed_settings,
     check_output_dir,
     find_checkpoint,
     output_dir,
@@ -218,6 +219,14 @@ def train(cfg: TrainConfig) -> TrainResult:
         accelerator.load_state(str(resume_from))
         start_step = int(state["step"])
         say(f"resumed from {resume_from} at step {start_step}")
+        changed = changed_settings(state, cfg)
+        if changed:
+            say(
+                "warning: settings changed since this checkpoint was written; from here the run "
+                "follows the new ones (a changed max_steps or epochs also reshapes the LR "
+                "schedule), so it is no longer identical to an uninterrupted run:\n  "
+                + "\n  ".join(changed)
+            )
 
     if cfg.logging.report_to:
         accelerator.init_trackers(output.name, config=flat_config(cfg))

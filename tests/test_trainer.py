@@ -19,6 +19,7 @@ import torch
 from train_fixtures import make_tiny_model_dir, params, tiny_config
 from transformers import AutoModelForCausalLM
 
+from pairopt.checkpoint import changed_settings
 from pairopt.loss import available_losses, get_loss_class
 from pairopt.policy import load_model
 from pairopt.schedule import BatchPlan
@@ -110,7 +111,7 @@ def test_gradient_checkpointing_gives_the_same_trajectory(model_dir: Path, tmp_p
     torch.testing.assert_close(losses_of(plain), losses_of(checkpointed), **TRAJECTORY_TOL)
 
 
-def test_resume_continues_exactly(model_dir: Path, tmp_path: Path) -> None:
+def test_resume_continues_exactly(model_dir: Path, tmp_path: Path, capsys) -> None:
     """N steps straight == N/2 steps, stop, resume, N/2 steps (same data order, same weights)."""
     common = {"optim": {"max_steps": 4, "schedule": "linear", "warmup_steps": 1}}
     straight = train(
@@ -137,6 +138,19 @@ def test_resume_continues_exactly(model_dir: Path, tmp_path: Path) -> None:
         for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     ]
     assert steps[0] == 3
+    assert "settings changed" not in capsys.readouterr().out
+    # Resuming with another length says what changed (the LR schedule follows the new one).
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    longer = tiny_config(model_dir, tmp_path / "longer", optim={**common["optim"], "max_steps": 6})
+    assert changed_settings(state, longer) == ["optim.max_steps: 4 -> 6"]
+    assert changed_settings({"step": 2}, longer) == []  # a checkpoint without a saved config
+    resume = {"resume": str(checkpoint)}
+    train(
+        tiny_config(
+            model_dir, tmp_path / "longer", optim=longer.optim.model_dump(), checkpoint=resume
+        )
+    )
+    assert "settings changed since this checkpoint" in capsys.readouterr().out
 
 
 def test_precomputed_reference_matches_live_and_is_cached(model_dir: Path, tmp_path: Path) -> None:
