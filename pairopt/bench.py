@@ -1,6 +1,6 @@
 """`pairopt bench`: shared vs unshared, padded vs packed, side by side in one process.
 
-Modes, all through `compute_logps` on the same model and the same batches (DESIGN.md §6):
+Modes, all through `compute_logps` on the same model and the same batches:
 
     unshared-padded   one [prompt | response] segment per row, rows padded (the classic way)
     unshared-packed   the same segments bin-packed into rows (sharing off, packed)

@@ -181,10 +181,11 @@ class EngineConfig(BaseModel):
     bucket_size: int = Field(
         default=64, gt=0, description="Rows are padded to a multiple of this many tokens."
     )
-    chunk_size: int = Field(
-        default=1024,
+    chunk_size: int | None = Field(
+        default=None,
         gt=0,
-        description="Scored positions per LM-head chunk (bounds the logits' memory).",
+        description="Scored positions per LM-head chunk (bounds the logits' memory); null = "
+        "2**25 // vocab rows, a 128 MiB fp32 logits budget whatever the vocabulary.",
     )
 
     def kwargs(self) -> dict[str, Any]:

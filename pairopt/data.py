@@ -1,4 +1,4 @@
-"""Preference data in, token ids out: any TRL-style paired dataset, tokenised per DESIGN.md §3.
+"""Preference data in, token ids out: any TRL-style paired dataset, tokenised as docs/configuration.md (Data) says.
 
     load_preference_data(DataConfig(dataset="my/prefs.jsonl"), tokenizer) -> PreferenceData
     rows_to_pairs(batch) -> list[PreferencePair]        # a datasets batch, ready for the engine
@@ -16,7 +16,7 @@ Formats (the ones TRL users bring), detected from the columns unless `format` sa
   prefix backed up to a word boundary, with one separating space moved into the responses, as
   TRL's `extract_prompt` does).
 
-Tokenisation and truncation (DESIGN.md §3, TRL semantics) happen row by row in
+Tokenisation and truncation (TRL semantics) happen row by row in
 `pairopt.rows.RowTokenizer`: both responses share the same prompt ids, each response ends with
 one EOS, `max_prompt_length` / `max_completion_length` / `max_length` cut, and a row left with
 no room for a response is dropped and counted.
@@ -397,7 +397,7 @@ def load_preference_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 0) -> P
     """
     if tokenizer.eos_token_id is None:
         raise PairoptError(
-            "The tokenizer has no EOS token, and every response must end with one (DESIGN.md §3). "
+            "The tokenizer has no EOS token, and every response must end with one (docs/configuration.md, Data). "
             "Set tokenizer.eos_token (e.g. to the end-of-turn token of its chat template)."
         )
     splits, where = _load_dataset_dict(cfg)

@@ -81,21 +81,25 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
 
     data: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    file_data = read_yaml(Path(config_file)) if config_file is not None else {}
     resume_flags = [raw or "latest" for key, raw, _ in overrides if key == "checkpoint.resume"]
     resume = resume_flags[-1] if resume_flags else None
     if resume is not None:
-        run_dir = _resume_run_dir(resume)
+        run_dir = _resume_run_dir(resume, _output_dir_given(overrides, file_data))
         if run_dir is not None and (run_dir / "config.yaml").is_file():
             saved = read_yaml(run_dir / "config.yaml")
             saved.setdefault("checkpoint", {})["resume"] = None
             saved.setdefault("output", {})["dir"] = str(run_dir)
             _merge(data, saved, sources, str(run_dir / "config.yaml"))
     if config_file is not None:
-        _merge(data, read_yaml(Path(config_file)), sources, config_file)
+        _switch_loss(data, sources, file_data.get("loss"))
+        _merge(data, file_data, sources, config_file)
 
     # Overrides are coerced by the type of the field they set; loss parameters by the plugin's
     # Config, so the loss name (and --loss-module) must be known first.
     for key, raw, flag in overrides:
+        if key == "loss.name":
+            _switch_loss(data, sources, {"name": raw})
         if key in ("loss.name", "loss.module"):
             _set(data, key, raw if raw is not None else "", sources, flag)
     if resume is not None:
@@ -146,10 +150,20 @@ def _split_flags(argv: list[str]) -> list[tuple[str, str | None]]:
     return out
 
 
-def _resume_run_dir(resume: str) -> Path | None:
-    """The run directory a --resume value points into (None for 'latest': output.dir decides)."""
+def _output_dir_given(overrides: list[tuple[str, str | None, str]], file_data: Any) -> str | None:
+    """output.dir from the flags, else from the --config file (None when neither sets it)."""
+    flagged = [raw for key, raw, _ in overrides if key == "output.dir" and raw]
+    if flagged:
+        return flagged[-1]
+    output = file_data.get("output") if isinstance(file_data, dict) else None
+    value = output.get("dir") if isinstance(output, dict) else None
+    return str(value) if value else None
+
+
+def _resume_run_dir(resume: str, output_dir: str | None) -> Path | None:
+    """The run directory a --resume value points into ('latest': the output dir, if one is given)."""
     if resume == "latest":
-        return None
+        return Path(output_dir).expanduser() if output_dir else None
     path = Path(resume).expanduser()
     if not path.exists():
         raise PairoptError(
@@ -160,6 +174,22 @@ def _resume_run_dir(resume: str) -> Path | None:
     if path.parent.name == "checkpoints":
         return path.parent.parent
     return None
+
+
+def _switch_loss(data: dict[str, Any], sources: dict[str, str], new_loss: Any) -> None:
+    """Choosing another loss than the one configured so far drops that loss's parameters.
+
+    `--loss simpo` over a YAML file written for dpo must run SimPO with SimPO's defaults, not
+    with dpo's `beta`; parameters for the new loss come with it (or as --loss.PARAM flags).
+    """
+    old = data.get("loss")
+    if not (isinstance(old, dict) and isinstance(new_loss, dict)):
+        return
+    if "name" not in new_loss or old.get("name") in (None, new_loss["name"]):
+        return
+    data["loss"] = {key: old[key] for key in ("module",) if key in old}
+    for key in [k for k in sources if k.startswith("loss.") and k != "loss.module"]:
+        del sources[key]
 
 
 def _merge(data: dict[str, Any], new: dict[str, Any], sources: dict[str, str], source: str) -> None:

@@ -4,7 +4,7 @@ A loss plugin is a `PairLoss` subclass registered under a name. It turns the pol
 it declares `requires_reference`, the reference's) per-pair log-probabilities into per-pair
 losses and a few detached scalar metrics. It never sees a model, a tokenizer or a mask, so every
 plugin gets the prefix-shared forward for free, and nothing outside a plugin branches on its name:
-the trainer reads the declared class attributes instead (DESIGN.md §4, STYLE.md §6).
+the trainer reads the declared class attributes instead.
 
     @register_loss("my_loss")
     class MyLoss(PairLoss):
@@ -59,7 +59,7 @@ STANDARD_METRICS = (
 
 
 class LossConfig(BaseModel):
-    """Base of every plugin's `Config`: frozen, unknown keys rejected (STYLE.md §5).
+    """Base of every plugin's `Config`: frozen, unknown keys rejected.
 
     Every field needs a `description` (it is the CLI help and the docs) and bounds.
     """

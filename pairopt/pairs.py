@@ -17,7 +17,7 @@ class PreferencePair:
     """One prompt with a preferred (`chosen`) and a dispreferred (`rejected`) response.
 
     All three are token ids. The prompt carries the special tokens (BOS, chat template); the
-    responses are the continuations, EOS included (DESIGN.md §3, tokenisation policy).
+    responses are the continuations, EOS included (docs/configuration.md, Data).
     """
 
     prompt: Sequence[int]

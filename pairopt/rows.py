@@ -1,4 +1,4 @@
-"""One dataset row -> checked, tokenised, truncated token ids (DESIGN.md §3).
+"""One dataset row -> checked, tokenised, truncated token ids.
 
 `RowTokenizer` is the function `pairopt.data` gives to `Dataset.map(batched=True,
 with_indices=True)`. It never drops a row itself: it writes the token ids and, per row, a

@@ -39,9 +39,7 @@ def test_flags_override_yaml_override_defaults(tmp_path: Path) -> None:
     assert cfg.engine.share_prefix is False  # from the file, untouched by flags
     assert cfg.optim.grad_accum == 1  # default
     switched = parse_train_args(["--config", str(config), "--loss", "dpo"])
-    assert (
-        switched.loss.name == "dpo" and switched.loss.params["beta"] == 0.3
-    )  # file's params, new loss
+    assert switched.loss.name == "dpo" and switched.loss.params["beta"] == 0.1  # dpo's default
 
 
 @pytest.mark.parametrize(
@@ -146,8 +144,27 @@ def test_resume_reads_the_runs_saved_config(tmp_path: Path) -> None:
     assert cfg.output.dir == str(run) and cfg.checkpoint.resume == str(
         run / "checkpoints" / "step-000010"
     )
-    bare = parse_train_args(["--loss", "dpo", "--output-dir", str(run), "--resume"])
+    # A bare --resume means the newest checkpoint of --output-dir, whose config.yaml applies.
+    bare = parse_train_args(["--output-dir", str(run), "--resume"])
     assert bare.checkpoint.resume == "latest"
+    assert bare.loss.name == "ipo" and bare.optim.lr == 3e-4 and bare.output.dir == str(run)
+    in_file = tmp_path / "out.yaml"
+    in_file.write_text(f"output: {{dir: {run}}}\n")
+    assert parse_train_args(["--config", str(in_file), "--resume"]).loss.name == "ipo"
+
+
+def test_choosing_another_loss_drops_the_configured_losss_parameters(tmp_path: Path) -> None:
+    """`--loss simpo` over a file written for dpo runs SimPO with its own defaults, not dpo's beta."""
+    config = tmp_path / "dpo.yaml"
+    config.write_text("loss: {name: dpo, beta: 0.3}\noptim: {lr: 1.0e-4}\n")
+    same = parse_train_args(["--config", str(config), "--loss", "dpo"])
+    assert same.loss.params["beta"] == 0.3
+    simpo = parse_train_args(["--config", str(config), "--loss", "simpo"])
+    assert simpo.loss.params == {"beta": 2.0, "gamma": 0.5} and simpo.optim.lr == 1e-4
+    tuned = parse_train_args(["--config", str(config), "--loss", "simpo", "--loss.beta", "3"])
+    assert tuned.loss.params["beta"] == 3.0
+    # sft has no beta at all: the file's dpo beta must not make it an unknown parameter
+    assert parse_train_args(["--config", str(config), "--loss", "sft"]).loss.params == {}
 
 
 def test_configs_are_frozen_and_strict() -> None:

@@ -33,7 +33,7 @@ def layout(share_prefix=True, packing=True, k3=False):
 
 
 def rule_by_hand(lay, window=None):
-    """The rule written as four nested loops: the slowest, plainest statement of DESIGN.md §3."""
+    """The rule written as four nested loops: the slowest, plainest statement of the rule in docs/engine.md."""
     B, L = lay.shape
     out = torch.zeros(B, L, L, dtype=torch.bool)
     doc, br, pos = lay.doc_ids.tolist(), lay.branch_ids.tolist(), lay.position_ids.tolist()

@@ -264,7 +264,7 @@ def _logsig(x):
 
 
 def _naive(name: str) -> Callable[..., torch.Tensor]:
-    """Per-pair losses from the DESIGN.md §4 / TRL formulas with default parameters, plain ops."""
+    """Per-pair losses from the docs/losses.md / TRL formulas with default parameters, plain ops."""
 
     def parts(p: PairLogps, r: PairLogps | None):
         s_c = p.chosen_logps - (r.chosen_logps if r is not None else 0)
@@ -532,7 +532,7 @@ def test_contract_declarations(name):
 
 @pytest.mark.parametrize("name", BUILTINS)
 def test_builtin_docstrings_follow_style(name):
-    """STYLE.md §2: paper, formula, symbols, shapes, defaults (with source), deviations, in order."""
+    """Docstring order: paper, formula, symbols, shapes, defaults (with source), deviations, in order."""
     doc = get_loss_class(name).__doc__ or ""
     headings = ["Paper:", "Formula", "Symbols:", "Shapes:", "Defaults:", "Deviations:"]
     positions = [doc.find(h) for h in headings]
@@ -575,7 +575,7 @@ def test_config_rejects_out_of_range(name, field_name, bad):
 
 
 def test_every_builtin_parameter_is_bounded():
-    """STYLE.md §5: bounds on every field (sft has no parameters)."""
+    """Bounds on every field (sft has no parameters)."""
     for name in BUILTINS:
         for field_name, field in get_loss_class(name).Config.model_fields.items():
             assert _out_of_range(field), f"{name}.{field_name} has no bound"

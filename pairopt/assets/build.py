@@ -228,7 +228,7 @@ def build_tokenizer(texts: list[str], out: Path) -> int:
     )
     tok.train_from_iterator(texts, trainer=trainer)
     bos = tok.token_to_id("<s>")
-    # BOS is added to whatever is tokenised with special tokens (the prompt, DESIGN.md §3).
+    # BOS is added to whatever is tokenised with special tokens (the prompt; docs/configuration.md, Data).
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B:1", special_tokens=[("<s>", bos)]
     )

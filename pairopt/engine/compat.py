@@ -54,7 +54,7 @@ def _model_name(model: nn.Module) -> str:
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
-    """Why this model cannot be masked per DESIGN.md §3, or None if it can."""
+    """Why this model cannot be masked by the rule of pairopt.engine.masks, or None if it can."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type in REFUSED_MODEL_TYPES:

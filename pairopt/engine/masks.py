@@ -1,6 +1,6 @@
 """The mask rule (one source of truth) and its encodings for each attention backend.
 
-Rule (DESIGN.md §3): query q may see key k iff
+Rule (docs/engine.md, The mask rule): query q may see key k iff
     doc[q] == doc[k] and k <= q and (branch[k] == 0 or branch[k] == branch[q])
 and, on sliding-window layers, pos[q] - pos[k] < window (the window counts position ids,
 so it is the same as in the unshared computation, whatever the packing).
