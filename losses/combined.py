@@ -23,7 +23,7 @@ from pairopt.pairs import PairLogps
 class Term(BaseModel):
     """One term of a combination: a registered loss, its weight and its parameters."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(description="name of a registered loss (see `pairopt losses`)")
     weight: float = Field(1.0, gt=0, description="multiplies the term's per-pair loss")

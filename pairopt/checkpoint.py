@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -82,6 +83,23 @@ def changed_settings(state: dict[str, Any], cfg: TrainConfig) -> list[str]:
     ]
 
 
+def check_resumable(checkpoint: Path, train_fp: str, cfg: TrainConfig) -> dict[str, Any]:
+    """The checkpoint's trainer_state.json, once its training data is known to be this run's.
+
+    Checked right after the data is tokenised: before any model loads or file is written.
+    """
+    state: dict[str, Any] = json.loads((checkpoint / "trainer_state.json").read_text())
+    if state["train_fingerprint"] != train_fp:
+        data_changes = [c for c in changed_settings(state, cfg) if c.startswith("data.")]
+        said = f" Data settings changed: {'; '.join(data_changes)}." if data_changes else ""
+        raise PairoptError(
+            f"cannot resume from {checkpoint}: its training data differs from this run's "
+            f"(different dataset, split, tokenizer or file contents).{said} Resume with the "
+            "same data settings."
+        )
+    return state
+
+
 def output_dir(cfg: TrainConfig) -> str:
     if cfg.output.dir:
         return str(Path(cfg.output.dir).expanduser())
@@ -91,11 +109,26 @@ def output_dir(cfg: TrainConfig) -> str:
 
 
 def check_output_dir(output: Path, *, resuming: bool) -> None:
-    if not resuming and (output / "config.yaml").exists():
+    """Refuse, before anything loads, an output dir that cannot be written or holds another run."""
+    if output.exists() and not output.is_dir():
+        raise PairoptError(f"output directory {output} is a file: choose another --output-dir.")
+    existing = next(p for p in (output, *output.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise PairoptError(
-            f"output directory {output} already holds a run (config.yaml): pass --resume to continue "
-            "it, or choose another --output-dir."
+            f"output directory {output} cannot be created: {existing} is not a writable "
+            "directory. Choose another --output-dir."
         )
+    if not resuming and (output / "config.yaml").exists():
+        if list_checkpoints(output):
+            hint = "pass --resume to continue it, or choose another --output-dir."
+        elif (output / "config.json").exists() or (output / "adapter").exists():
+            hint = "a finished one (its model is saved there); choose another --output-dir."
+        else:
+            hint = (
+                "one that stopped before its first checkpoint, so nothing in it can be "
+                "resumed: delete the directory or choose another --output-dir."
+            )
+        raise PairoptError(f"output directory {output} already holds a run (config.yaml): {hint}")
 
 
 def save_final(

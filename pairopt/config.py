@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pairopt.data import DataConfig
 from pairopt.errors import PairoptError
 
-_SECTION = ConfigDict(extra="forbid", frozen=True)
+_SECTION = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 # The trackers accelerate can log to (accelerate.utils.LoggerType).
 Tracker = Literal[
@@ -87,18 +87,7 @@ class ModelConfig(BaseModel):
     @field_validator("name_or_path")
     @classmethod
     def _known_model(cls, value: str) -> str:
-        if value.startswith("builtin:"):
-            from pairopt.data import resolve_builtin
-
-            try:
-                resolve_builtin(value)
-            except PairoptError as err:
-                raise ValueError(str(err)) from None
-        elif _looks_like_path(value) and not Path(value).expanduser().exists():
-            raise ValueError(
-                f"no such directory {value!r} (give a hub ID, a local directory or builtin:NAME)"
-            )
-        return value
+        return _checked_model_source(value, tokenizer=True)
 
 
 class LossSection(BaseModel):
@@ -207,6 +196,12 @@ class ReferenceConfig(BaseModel):
         default=None,
         description="A different reference model; null = the policy's initial weights.",
     )
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _known_model(cls, value: str | None) -> str | None:
+        return None if value is None else _checked_model_source(value, tokenizer=False)
+
     cache_dir: str | None = Field(
         default=None,
         description="Where precomputed reference log-probs are cached; null = $PAIROPT_CACHE/reference "
@@ -434,6 +429,16 @@ def _tracker_available(name: str) -> bool:
 _DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 
 
+def _checked_model_source(value: str, *, tokenizer: bool) -> str:
+    from pairopt.models import check_model_source
+
+    try:
+        check_model_source(value, tokenizer=tokenizer)
+    except PairoptError as err:
+        raise ValueError(str(err)) from None
+    return value
+
+
 def _looks_like_path(value: str) -> bool:
     """Hub IDs are `org/name`; these can only be meant as local paths."""
     return value.startswith(("/", "./", "../", "~", "."))
@@ -469,6 +474,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
             f"config file {str(path)!r} must hold a mapping of sections (model:, loss:, optim:, ...), "
             f"got a {type(loaded).__name__}"
         )
+    if isinstance(loaded.get("loss"), str):  # `loss: dpo` is short for `loss: {name: dpo}`
+        loaded["loss"] = {"name": loaded["loss"]}
     return loaded
 
 
@@ -510,7 +517,8 @@ def _describe(err: pydantic.ValidationError, sources: dict[str, str]) -> str:
             close = difflib.get_close_matches(
                 loc[-1], list(model.model_fields) if model else [], n=2
             )
-            hint = f" Did you mean {' or '.join(f'{section}.{c}' for c in close)}?" if close else ""
+            prefix = f"{section}." if section else ""
+            hint = f" Did you mean {' or '.join(prefix + c for c in close)}?" if close else ""
             problems.append(
                 f"unknown key {key!r}{where}; {section or 'the top level'} takes: {valid}.{hint}"
             )
@@ -518,10 +526,18 @@ def _describe(err: pydantic.ValidationError, sources: dict[str, str]) -> str:
             problems.append(f"{key} is required{where}")
         elif error["type"] == "value_error" and len(loc) <= 1:
             problems.append(f"{msg}{where}" if not key else f"{key}: {msg}{where}")
+        elif error["type"] == "model_type" and (section_model := _section_model(loc)) is not None:
+            first = next(iter(section_model.model_fields))
+            problems.append(
+                f"{key} = {error.get('input')!r}{where} is not a section: write it as "
+                f"{key}: {{{first}: ...}} (its keys: {', '.join(section_model.model_fields)})."
+            )
         else:
             description = _description(loc)
             hint = f" ({key}: {description})" if description else ""
-            problems.append(f"{key} = {error.get('input')!r}{where} is invalid: {msg}.{hint}")
+            problems.append(
+                f"{key} = {error.get('input')!r}{where} is invalid: {msg.rstrip('.')}.{hint}"
+            )
     return "invalid configuration: " + " ".join(problems)
 
 

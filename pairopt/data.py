@@ -29,6 +29,7 @@ whose outcome (status, truncation flags) is stored in columns, so a load served 
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,6 +273,8 @@ def _load_dataset_dict(cfg: DataConfig) -> tuple[datasets.DatasetDict, str]:
                 f"Cannot read {path}: unknown file type {path.suffix!r}. Supported: "
                 f"{', '.join(FILE_BUILDERS)} (or a folder of such files, or a hub dataset id)."
             )
+        if not path.read_bytes().strip():
+            raise PairoptError(f"Cannot read {path}: the file is empty (no pairs in it).")
         where, args, kwargs = str(path), (builder,), {"data_files": str(path), **common}
     elif path.is_dir():
         where, args, kwargs = str(path), (str(path),), {"name": cfg.subset, **common}
@@ -286,11 +289,18 @@ def _load_dataset_dict(cfg: DataConfig) -> tuple[datasets.DatasetDict, str]:
     try:
         loaded = datasets.load_dataset(*args, **kwargs)
     except Exception as err:  # any reader/hub failure becomes one actionable message
-        hint = (
-            f" There is no local file or folder {str(path.resolve())!r} either."
-            if not path.exists() and not _looks_local(spec)
-            else " Each column must hold one kind of value; check the file's format."
-        )
+        if not path.exists():
+            hint = f" There is no local file or folder {str(path.resolve())!r} either."
+        elif path.is_dir():
+            hint = (
+                " A folder must hold .json/.jsonl/.parquet/.csv files with pairs in them, named "
+                "by split (train.jsonl, test.jsonl, ...), all of one file type."
+            )
+        else:
+            hint = (
+                f" Check that it is valid {path.suffix.lstrip('.').upper()} with one pair per "
+                "record and that each column holds one kind of value in every row."
+            )
         raise PairoptError(f"Could not load {where}: {type(err).__name__}: {err}.{hint}") from err
     if not isinstance(loaded, datasets.DatasetDict):
         raise PairoptError(f"Expected splits from {where}, got {type(loaded).__name__}.")
@@ -432,6 +442,13 @@ def load_preference_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 0) -> P
         reports.append(eval_report)
         eval_source = f"split {cfg.eval_split!r}, {len(eval_ds)} pairs"
     elif cfg.eval_fraction > 0:
+        held_out = math.ceil(cfg.eval_fraction * len(train))
+        if held_out >= len(train):
+            raise PairoptError(
+                f"eval_fraction={cfg.eval_fraction} of the {len(train)} usable training pairs "
+                f"would hold out {held_out} and leave none to train on. Lower data.eval_fraction, "
+                "or set data.eval_split to a split of held-out pairs."
+            )
         held = train.train_test_split(test_size=cfg.eval_fraction, seed=seed)
         train, eval_ds = held["train"], held["test"]
         if cfg.max_eval_samples is not None:
@@ -439,8 +456,11 @@ def load_preference_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 0) -> P
         missing = f"no split {cfg.eval_split!r}; " if cfg.eval_split is not None else ""
         eval_source = f"{missing}{len(eval_ds)} pairs held out from train (eval_fraction={cfg.eval_fraction}, seed {seed})"
     elif cfg.eval_split is not None:
+        others = [name for name in splits if name != cfg.train_split]
+        choose = f"--data.eval_split {others[0]}, or " if others else ""
         eval_source = (
-            f"none (no split {cfg.eval_split!r}; set eval_fraction to hold out part of train)"
+            f"none (no split {cfg.eval_split!r}; splits present: {', '.join(splits)}; set "
+            f"{choose}--data.eval_fraction to hold out part of train)"
         )
     else:
         eval_source = "none (eval_split is None)"

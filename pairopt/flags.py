@@ -120,7 +120,8 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
             f"no loss chosen: pass --loss NAME (or loss.name in a --config file). Available: "
             f"{', '.join(available_losses())}."
         )
-    if data.get("model", {}).get("name_or_path", TINY_MODEL) == TINY_MODEL:
+    model = data.get("model", {})
+    if isinstance(model, dict) and model.get("name_or_path", TINY_MODEL) == TINY_MODEL:
         preset: dict[str, Any] = json.loads(json.dumps(TINY_RUN_PRESET))  # a deep copy
         _merge(preset, data, {}, "")
         data = preset

@@ -64,7 +64,7 @@ class LossConfig(BaseModel):
     Every field needs a `description` (it is the CLI help and the docs) and bounds.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass

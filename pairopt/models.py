@@ -25,6 +25,43 @@ def resolve_path(name_or_path: str) -> str:
     return str(path) if path.exists() else name_or_path
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_source(name_or_path: str, *, tokenizer: bool = False) -> None:
+    """Refuse a local model path that cannot be a model directory (hub ids: from_pretrained's job).
+
+    Raises PairoptError saying what is wrong with the path; `tokenizer`: it must hold one too.
+    """
+    local = (
+        name_or_path.startswith(("builtin:", "/", "./", "../", "~"))
+        or Path(name_or_path).expanduser().exists()
+    )
+    if not local:
+        return
+    path = Path(resolve_path(name_or_path))
+    if not path.exists():
+        raise PairoptError(
+            "no such directory (give a local model directory with a config.json, a hub model "
+            "id, or builtin:tiny-llama)"
+        )
+    if name_or_path.startswith("builtin:") and not (path / "config.json").is_file():
+        raise PairoptError(
+            "that built-in is a dataset, not a model (the model is builtin:tiny-llama)"
+        )
+    if not path.is_dir() or not (path / "config.json").is_file():
+        what = "it is a file" if not path.is_dir() else "the directory has no config.json"
+        raise PairoptError(
+            f"{what}: a model directory holds the config.json of a transformers model (and "
+            "its weights, or none to build it from the config)"
+        )
+    if tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise PairoptError(
+            f"the directory has no tokenizer ({', '.join(TOKENIZER_FILES)}): save one next to "
+            "the model with tokenizer.save_pretrained(dir)"
+        )
+
+
 def has_weights(path: Path) -> bool:
     return any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
 
@@ -57,8 +94,9 @@ def load_causal_lm(
         return AutoModelForCausalLM.from_pretrained(
             path, revision=revision, dtype=torch_dtype, **extra
         )
-    except (OSError, ValueError, KeyError) as err:
+    except Exception as err:  # a missing repo, a bad config, corrupt weights: one message
         raise PairoptError(
-            f"could not load model {name_or_path!r}: {err}. Pass a hub id, or a local directory "
-            "with a config.json (and weights, or none to build it from the config)."
+            f"could not load model {name_or_path!r}: {type(err).__name__}: "
+            f"{str(err).rstrip('.')}. Pass a hub id, or a local directory with a config.json "
+            "(and readable weights, or none to build it from the config)."
         ) from None

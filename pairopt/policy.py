@@ -109,4 +109,18 @@ def apply_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_config)
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as err:  # e.g. target modules that the model does not have
+        linear = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, m in model.named_modules()
+                if isinstance(m, nn.Linear)
+            }
+        )
+        raise PairoptError(
+            f"model.lora.target_modules {lora.target_modules}: {str(err).rstrip('.')}. This "
+            f"model's linear layers are named: {', '.join(linear)} (or leave target_modules "
+            "empty for all of them)."
+        ) from None

@@ -21,6 +21,7 @@ import copy
 import hashlib
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -228,16 +229,26 @@ def precompute(
             torch.tensor([r[4] for r in rows], dtype=torch.long),
         )
     if accelerator.is_main_process:
-        cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(
-            {
-                split: (t.chosen_logps, t.rejected_logps, t.chosen_tokens, t.rejected_tokens)
-                for split, t in tables.items()
-            },
-            tmp,
-        )
-        os.replace(tmp, path)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(
+                {
+                    split: (t.chosen_logps, t.rejected_logps, t.chosen_tokens, t.rejected_tokens)
+                    for split, t in tables.items()
+                },
+                tmp,
+            )
+            os.replace(tmp, path)
+        except (
+            OSError
+        ) as err:  # the values are in memory: a cache that cannot be written is no reason to stop
+            warnings.warn(
+                f"could not write the reference log-prob cache to {path} ({err}); this run uses "
+                "the values in memory and the next one will compute them again. Set "
+                "reference.cache_dir to a writable directory to keep them.",
+                stacklevel=2,
+            )
     accelerator.wait_for_everyone()
     return PrecomputedReference(tables, path, hit=False)
 

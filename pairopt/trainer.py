@@ -17,7 +17,7 @@ accelerate divides by grad_accum and DDP averages over processes.
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
 import sys
 import time
@@ -30,7 +30,9 @@ from torch import nn
 from pairopt.checkpoint import (
     changed_settings,
     check_output_dir,
+    check_resumable,
     find_checkpoint,
+    list_checkpoints,
     output_dir,
     save_checkpoint,
     save_final,
@@ -146,6 +148,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     train_ds, eval_ds = data.train, data.eval
     if data.report is not None:
         say(f"data: {data.report}")
+    from pairopt.reference import dataset_fingerprint
+
+    train_fp = dataset_fingerprint(train_ds)
+    resume_state = check_resumable(resume_from, train_fp, cfg) if resume_from else None
 
     loss_fn = build_loss(cfg.loss.name, **cfg.loss.params).to(accelerator.device)
     engine_kwargs = cfg.engine.kwargs()
@@ -205,21 +211,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     wrapped, optimizer = accelerator.prepare(PolicyLogps(policy, engine_kwargs), optimizer)
     accelerator.register_for_checkpointing(scheduler, loss_fn)
 
-    from pairopt.reference import dataset_fingerprint
-
-    train_fp = dataset_fingerprint(train_ds)
     start_step = 0
-    if resume_from is not None:
-        state = json.loads((resume_from / "trainer_state.json").read_text())
-        if state["train_fingerprint"] != train_fp:
-            raise PairoptError(
-                f"cannot resume from {resume_from}: its training data differs from this run's "
-                "(different dataset, split or tokenizer). Resume with the same data settings."
-            )
+    if resume_from is not None and resume_state is not None:
         accelerator.load_state(str(resume_from))
-        start_step = int(state["step"])
+        start_step = int(resume_state["step"])
         say(f"resumed from {resume_from} at step {start_step}")
-        changed = changed_settings(state, cfg)
+        changed = changed_settings(resume_state, cfg)
         if changed:
             say(
                 "warning: settings changed since this checkpoint was written; from here the run "
@@ -279,7 +276,17 @@ def train(cfg: TrainConfig) -> TrainResult:
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        metrics = global_means(sums, accelerator, pairs_in_step)
+        metrics = global_means(sums, accelerator, pairs_in_step)  # the same on every process
+        if not math.isfinite(metrics["loss"]):
+            if bar is not None:
+                bar.close()
+            last = list_checkpoints(output)
+            raise PairoptError(
+                f"step {done}: the loss is {metrics['loss']} (not finite), so the weights are no "
+                "longer usable and the run stops without saving a model. Lower optim.lr, keep "
+                "optim.max_grad_norm set, or check the loss parameters"
+                + (f"; the last good checkpoint is {last[-1]}." if last else ".")
+            )
         step_s = time.perf_counter() - step_started
         tokens_all = int(accelerator.reduce(torch.tensor([tokens], device=device), "sum").item())
         pairs_done += pairs_in_step

@@ -200,10 +200,32 @@ def test_invalid_yaml_and_non_mapping(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_existing_run_directory_is_not_overwritten(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.yaml").write_text("loss: {name: dpo}\n")
-    code, err = run(["--loss", "dpo", "--output-dir", str(tmp_path / "run")], capsys)
-    assert code == 2 and squash("already holds a run") in squash(err) and "--resume" in err
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("loss: {name: dpo}\n")
+    argv = ["--loss", "dpo", "--output-dir", str(run_dir)]
+    code, err = run(argv, capsys)  # stopped before its first checkpoint: nothing to resume
+    assert code == 2 and squash("already holds a run") in squash(err)
+    assert squash("nothing in it can be resumed") in squash(err)
+    (run_dir / "config.json").write_text("{}")
+    code, err = run(argv, capsys)
+    assert code == 2 and squash("a finished one") in squash(err)
+    checkpoint = run_dir / "checkpoints" / "step-000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    code, err = run(argv, capsys)
+    assert code == 2 and squash("pass --resume to continue it") in squash(err)
+
+
+def test_unwritable_output_directory_is_refused_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    code, err = run(["--loss", "dpo", "--output-dir", str(a_file)], capsys)
+    assert code == 2 and squash("is a file") in squash(err)
+    code, err = run(["--loss", "dpo", "--output-dir", str(a_file / "run")], capsys)
+    assert code == 2 and squash("cannot be created") in squash(err)
 
 
 def test_lora_without_peft_says_how_to_install(

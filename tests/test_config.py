@@ -239,7 +239,41 @@ def test_tiny_run_preset_applies_only_to_the_shipped_model(tmp_path: Path) -> No
         tiny.optim.lr == TINY_RUN_PRESET["optim"]["lr"] and tiny.reference.strategy == "precompute"
     )
     assert parse_train_args(["--loss", "dpo", "--optim.lr", "3e-3"]).optim.lr == 3e-3  # flags win
-    other = tmp_path / "model"
-    other.mkdir()
-    hub_like = parse_train_args(["--loss", "dpo", "--model", str(other)])
+    hub_like = parse_train_args(["--loss", "dpo", "--model", "some-org/some-model"])
     assert hub_like.optim.lr == 5e-6 and hub_like.reference.strategy == "auto"  # field defaults
+
+
+def test_yaml_shorthands_and_section_mistakes(tmp_path: Path) -> None:
+    """`loss: dpo` is short for `loss: {name: dpo}`; `model: ID` says how to write the section."""
+    short = tmp_path / "short.yaml"
+    short.write_text("loss: simpo\n")
+    assert parse_train_args(["--config", str(short)]).loss.name == "simpo"
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("loss: dpo\nmodel: builtin:tiny-llama\n")
+    with pytest.raises(PairoptError, match=r"is not a section: write it as model: \{name_or_path"):
+        parse_train_args(["--config", str(scalar)])
+    with pytest.raises(PairoptError, match=r"unknown key 'optimm'.*Did you mean optim\?"):
+        validate_config({"loss": {"name": "dpo"}, "optimm": {}})
+
+
+@pytest.mark.parametrize(
+    "flag", [["--loss.beta", "inf"], ["--loss.beta", "nan"], ["--optim.lr", "nan"]]
+)
+def test_non_finite_numbers_are_refused(flag: list[str]) -> None:
+    with pytest.raises(PairoptError, match="finite number"):
+        parse_train_args(["--loss", "dpo", *flag])
+
+
+def test_local_model_paths_are_checked_before_anything_loads(tmp_path: Path) -> None:
+    def model_error(path: str) -> str:
+        with pytest.raises(PairoptError) as err:
+            parse_train_args(["--loss", "dpo", "--model", path])
+        return " ".join(str(err.value).split())
+
+    assert "no such directory" in model_error(str(tmp_path / "nowhere"))
+    assert "has no config.json" in model_error(str(tmp_path))
+    assert "a dataset, not a model" in model_error("builtin:tiny-prefs")
+    (tmp_path / "config.json").write_text("{}")
+    assert "has no tokenizer" in model_error(str(tmp_path))
+    with pytest.raises(PairoptError, match=r"reference\.name_or_path"):
+        parse_train_args(["--loss", "dpo", "--reference.name_or_path", str(tmp_path / "nowhere")])

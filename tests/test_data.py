@@ -123,6 +123,30 @@ def test_eval_fraction_holds_out_part_of_train_seeded(tmp_path: Path, tok: Any) 
     assert a.eval["prompt_ids"] == b.eval["prompt_ids"]  # same seed, same held-out pairs
     assert not set(map(tuple, a.eval["prompt_ids"])) & set(map(tuple, a.train["prompt_ids"]))
     assert "held out from train" in a.report.eval_source
+    with pytest.raises(PairoptError, match=r"eval_fraction=0.99 of the 8 usable .* leave none"):
+        load(path, tok, eval_fraction=0.99)
+
+
+def test_missing_eval_split_names_the_splits_there(tmp_path: Path, tok: Any) -> None:
+    folder = tmp_path / "prefs"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", ROWS)
+    write_jsonl(folder / "validation.jsonl", ROWS[:1])
+    data = load(folder, tok)
+    assert data.eval is None
+    assert "no split 'test'; splits present: train, validation" in data.report.eval_source
+    assert "--data.eval_split validation" in data.report.eval_source
+
+
+def test_empty_and_malformed_files_say_what_is_wrong(tmp_path: Path, tok: Any) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(PairoptError, match=r"empty.jsonl: the file is empty"):
+        load(empty, tok)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(ROWS[0]) + "\n{not json\n")
+    with pytest.raises(PairoptError, match=r"Check that it is valid JSONL"):
+        load(broken, tok)
 
 
 def test_conversational_uses_chat_template_one_bos_one_eos(tmp_path: Path, tok: Any) -> None:

@@ -271,3 +271,80 @@ def test_two_processes_on_cpu_agree_and_match_one_process(model_dir: Path, tmp_p
     torch.testing.assert_close(rank0, rank1, rtol=0, atol=0)
     single = train(tiny_config(model_dir, tmp_path / "single", optim={"grad_accum": 2}))
     torch.testing.assert_close(rank0, params(single.policy), **WEIGHTS_TOL)
+
+
+def test_a_non_finite_loss_stops_the_run_without_saving_a_model(
+    registry, model_dir: Path, tmp_path: Path
+) -> None:
+    """A loss that turns NaN at step 2 stops the run there, naming the step; no NaN model is saved."""
+    import pairopt
+    from pairopt.errors import PairoptError
+
+    @pairopt.register_loss("test_nan_at_step_2")
+    class NanAtStep2(pairopt.PairLoss):
+        """DPO-like margin that becomes NaN on its second call."""
+
+        requires_reference = False
+        calls = 0
+
+        def compute(self, policy, reference):
+            type(self).calls += 1
+            margin = policy.chosen_logps - policy.rejected_logps
+            if type(self).calls >= 2:
+                margin = margin * float("nan")
+            return pairopt.LossOutput(-torch.nn.functional.logsigmoid(margin), {})
+
+    with pytest.raises(PairoptError, match=r"step 2: the loss is nan .* without saving a model"):
+        train(tiny_config(model_dir, tmp_path / "nan", loss={"name": "test_nan_at_step_2"}))
+    assert not (tmp_path / "nan" / "config.json").exists()
+
+
+def test_resume_with_other_data_fails_before_writing_anything(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    from pairopt.errors import PairoptError
+
+    run_dir = tmp_path / "run"
+    train(tiny_config(model_dir, run_dir, optim={"max_steps": 2}, checkpoint={"every": 2}))
+    saved = (run_dir / "config.yaml").read_text()
+    other = tiny_config(
+        model_dir,
+        run_dir,
+        data={"max_samples": 40, "max_eval_samples": 16},
+        optim={"max_steps": 2},
+        checkpoint={"resume": str(run_dir)},
+    )
+    with pytest.raises(PairoptError, match=r"training data differs.*data.max_samples: 48 -> 40"):
+        train(other)
+    assert (run_dir / "config.yaml").read_text() == saved  # the run can still be resumed as it was
+
+
+def test_unusable_model_files_and_lora_targets_are_clear_errors(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from pairopt.errors import PairoptError
+
+    broken = tmp_path / "broken-weights"
+    shutil.copytree(model_dir, broken)
+    (broken / "model.safetensors").write_text("garbage")
+    with pytest.raises(PairoptError, match=r"could not load model .*broken-weights.*Safetensor"):
+        train(tiny_config(broken, tmp_path / "a"))
+    lora = {"lora": {"r": 4, "target_modules": ["no_such_proj"]}}
+    with pytest.raises(PairoptError, match=r"no_such_proj.*linear layers are named: .*q_proj"):
+        train(tiny_config(model_dir, tmp_path / "b", model=lora))
+
+
+def test_an_unwritable_reference_cache_only_warns(model_dir: Path, tmp_path: Path) -> None:
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    cfg = tiny_config(
+        model_dir,
+        tmp_path / "run",
+        reference={"strategy": "precompute", "cache_dir": str(blocked / "cache")},
+        optim={"max_steps": 1},
+    )
+    with pytest.warns(UserWarning, match="could not write the reference log-prob cache"):
+        result = train(cfg)
+    assert len(result.history) == 1
