@@ -168,7 +168,10 @@ class EngineConfig(BaseModel):
         description="Token budget of one packed row; null = the engine's default.",
     )
     bucket_size: int = Field(
-        default=64, gt=0, description="Rows are padded to a multiple of this many tokens."
+        default=64,
+        gt=0,
+        le=8192,
+        description="Rows are padded to a multiple of this many tokens.",
     )
     chunk_size: int | None = Field(
         default=None,

@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,20 +22,40 @@ from pairopt.config import TrainConfig
 from pairopt.errors import PairoptError
 
 
-def pair_lengths(dataset: Any) -> list[int]:
-    """prompt + chosen + rejected tokens of every row, read from the Arrow columns."""
+def pair_lengths(dataset: Any, *, share_prefix: bool = True) -> list[int]:
+    """Tokens of every row's longest engine segment, read from the Arrow columns: prompt +
+    chosen + rejected (shared), or prompt + the longer response (unshared)."""
     arrow = dataset.with_format("arrow")
     lengths: list[int] = []
     for start in range(0, len(dataset), 8192):
         table = arrow[start : start + 8192]
-        total = None
-        for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
-            values = (
-                table.column(column).combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
-            )
-            total = values if total is None else total + values
-        lengths += [int(n) for n in (total if total is not None else [])]
+        prompt, chosen, rejected = (
+            table.column(column).combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
+            for column in ("prompt_ids", "chosen_ids", "rejected_ids")
+        )
+        total = prompt + (chosen + rejected if share_prefix else np.maximum(chosen, rejected))
+        lengths += [int(n) for n in total]
     return lengths
+
+
+def check_row_budget(datasets: dict[str, Any], share_prefix: bool, budget: int | None) -> None:
+    """Refuse, before any model loads, a pair that no row of `budget` tokens can hold."""
+    if budget is None:
+        return
+    for split, dataset in datasets.items():
+        if dataset is None or len(dataset) == 0:
+            continue
+        lengths = pair_lengths(dataset, share_prefix=share_prefix)
+        longest = max(lengths)
+        if longest > budget:
+            what = "prompt + chosen + rejected" if share_prefix else "prompt + one response"
+            raise PairoptError(
+                f"{split} pair {lengths.index(longest)} needs {longest} tokens in one row "
+                f"({what}), over engine.max_tokens_per_row={budget}; "
+                f"{sum(n > budget for n in lengths)} of {len(lengths)} {split} pairs do. Raise "
+                "engine.max_tokens_per_row or truncate the data (data.max_length, "
+                "data.max_prompt_length)."
+            )
 
 
 class BatchPlan:

@@ -60,7 +60,13 @@ from pairopt.run_log import (
     print_summary,
     progress_bar,
 )
-from pairopt.schedule import BatchPlan, build_optimizer, lr_multiplier, pair_lengths
+from pairopt.schedule import (
+    BatchPlan,
+    build_optimizer,
+    check_row_budget,
+    lr_multiplier,
+    pair_lengths,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,6 +156,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         say(f"data: {data.report}")
     from pairopt.reference import dataset_fingerprint
 
+    check_row_budget(
+        {"train": train_ds, "eval": eval_ds},
+        cfg.engine.share_prefix,
+        cfg.engine.max_tokens_per_row,
+    )
     train_fp = dataset_fingerprint(train_ds)
     resume_state = check_resumable(resume_from, train_fp, cfg) if resume_from else None
 

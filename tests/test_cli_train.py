@@ -146,6 +146,11 @@ BAD_INPUT = [
     pytest.param(
         ["--loss", "dpo", "--optim.lr"], ["--optim.lr needs a value"], id="flag-without-value"
     ),
+    pytest.param(
+        ["--loss", "dpo", "--engine.bucket_size", "100000"],
+        ["engine.bucket_size", "less than or equal to 8192"],
+        id="huge-bucket",
+    ),
 ]
 
 
@@ -286,3 +291,28 @@ def test_a_good_command_line_trains(
     out = capsys.readouterr().out
     assert "held-out preference accuracy" in out and "beta: 0.2" in out
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_row_budget_below_a_pair_fails_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Needs the tokenised data, so here only the model must not load."""
+    monkeypatch.undo()  # the autouse fixture's patches: the data may load for this check
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the row budget was checked")
+
+    monkeypatch.setattr(pairopt.trainer, "load_model", refuse)
+    monkeypatch.setenv("PAIROPT_CACHE", str(tmp_path / "cache"))
+    argv = [
+        "--loss",
+        "dpo",
+        "--engine.max_tokens_per_row",
+        "10",
+        "--output-dir",
+        str(tmp_path / "o"),
+    ]
+    code, err = run(argv, capsys)
+    assert code == 2
+    assert squash("over engine.max_tokens_per_row=10") in squash(err)
+    assert squash("3000 of 3000 train pairs") in squash(err) and "data.max_length" in err
