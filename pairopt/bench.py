@@ -98,9 +98,64 @@ class BenchOptions:
 # ----------------------------------------------------------------------------- data
 
 
+PROFILE_KEYS = ("name", "prompt_tokens", "completion_tokens")  # what a profile must have
+
+
+def read_text(path: Path, option: str) -> str:
+    """The text of a file named by a command-line option, or a PairoptError saying what is wrong."""
+    if not path.exists():
+        raise PairoptError(f"{option} {path}: no such file.")
+    if path.is_dir():
+        raise PairoptError(f"{option} {path}: is a directory; give a file.")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise PairoptError(f"{option} {path}: cannot read it as UTF-8 text ({err}).") from err
+
+
 def load_profiles(path: Path = PROFILES_PATH) -> dict[str, dict[str, Any]]:
-    """Profile name -> {prompt_tokens, completion_tokens, ideal_speedup, ...}."""
-    return {p["name"]: p for p in json.loads(path.read_text())["profiles"]}
+    """Profile name -> {prompt_tokens, completion_tokens, ideal_speedup, ...}.
+
+    The file is JSON: {"profiles": [{"name": ..., "prompt_tokens": P, "completion_tokens": C},
+    ...]}; anything else is a PairoptError naming the file, the profile and what is wrong.
+    """
+    where = f"--profiles-file {path}"
+    try:
+        data = json.loads(read_text(path, "--profiles-file"))
+    except json.JSONDecodeError as err:
+        raise PairoptError(
+            f"{where}: not JSON ({err.msg} at line {err.lineno}, column {err.colno})."
+        ) from err
+    profiles = data.get("profiles") if isinstance(data, dict) else None
+    if not isinstance(profiles, list) or not profiles:
+        raise PairoptError(
+            f'{where}: expected an object with a non-empty "profiles" list, each profile an '
+            f"object with {', '.join(PROFILE_KEYS)}."
+        )
+    out: dict[str, dict[str, Any]] = {}
+    for i, profile in enumerate(profiles, start=1):
+        label = (
+            f"profile {profile.get('name', i)!r}" if isinstance(profile, dict) else f"profile {i}"
+        )
+        if not isinstance(profile, dict):
+            raise PairoptError(
+                f"{where}: {label} is {type(profile).__name__}, not an object with "
+                f"{', '.join(PROFILE_KEYS)}."
+            )
+        missing = [k for k in PROFILE_KEYS if k not in profile]
+        if missing:
+            raise PairoptError(
+                f"{where}: {label} lacks {', '.join(missing)}; every profile needs "
+                f"{', '.join(PROFILE_KEYS)}."
+            )
+        for key in ("prompt_tokens", "completion_tokens"):
+            value = profile[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 1:
+                raise PairoptError(
+                    f"{where}: {label} has {key} {value!r}; it must be a number >= 1."
+                )
+        out[str(profile["name"])] = profile
+    return out
 
 
 def profile_lengths(
@@ -121,33 +176,90 @@ def dataset_lengths(path: Path, tokenizer: str | None) -> list[tuple[int, int, i
     Fields are token-id lists, or text tokenised with `tokenizer` (a local path) as the data
     loader does: the prompt with special tokens, each response without them plus EOS.
     """
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    fields = ("prompt", "chosen", "rejected")
+    rows: list[tuple[int, dict[str, Any]]] = []  # (line number, row)
+    for n, line in enumerate(read_text(path, "--data").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PairoptError(
+                f"--data {path} line {n}: not JSON ({err.msg} at column {err.colno}). Give a "
+                "JSONL file: one object with prompt/chosen/rejected per line."
+            ) from err
+        if not isinstance(row, dict):
+            raise PairoptError(
+                f"--data {path} line {n}: a JSON {type(row).__name__}, not an object with "
+                "prompt/chosen/rejected."
+            )
+        rows.append((n, row))
     if not rows:
-        raise PairoptError(f"{path}: no rows. Give a JSONL file with prompt/chosen/rejected.")
+        raise PairoptError(
+            f"--data {path}: no rows. Give a JSONL file with prompt/chosen/rejected."
+        )
     tok: Any = None
     out = []
-    for i, row in enumerate(rows, start=1):
-        missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+    for n, row in rows:
+        where = f"--data {path} line {n}"
+        missing = [k for k in fields if k not in row]
         if missing:
-            raise PairoptError(f"{path} row {i}: missing field(s) {', '.join(missing)}.")
-        if all(isinstance(row[k], list) for k in ("prompt", "chosen", "rejected")):
-            out.append((len(row["prompt"]), len(row["chosen"]), len(row["rejected"])))
-            continue
-        if tokenizer is None:
+            raise PairoptError(f"{where}: missing field(s) {', '.join(missing)}.")
+        if all(_is_token_ids(row[k]) for k in fields):
+            lengths = (len(row["prompt"]), len(row["chosen"]), len(row["rejected"]))
+        elif all(isinstance(row[k], str) for k in fields):
+            if tokenizer is None:
+                raise PairoptError(
+                    f"{where}: text fields need a tokenizer: pass --tokenizer PATH "
+                    "(a local tokenizer directory), or store token-id lists."
+                )
+            if tok is None:
+                tok = load_tokenizer(tokenizer)
+            eos = 1 if tok.eos_token_id is not None else 0
+            n_prompt = len(tok(row["prompt"])["input_ids"])
+            n_chosen = len(tok(row["chosen"], add_special_tokens=False)["input_ids"]) + eos
+            n_rejected = len(tok(row["rejected"], add_special_tokens=False)["input_ids"]) + eos
+            lengths = (n_prompt, n_chosen, n_rejected)
+        else:
+            kinds = ", ".join(f"{k} is {type(row[k]).__name__}" for k in fields)
             raise PairoptError(
-                f"{path} row {i}: text fields need a tokenizer: pass --tokenizer PATH "
-                "(a local tokenizer directory), or store token-id lists."
+                f"{where}: prompt, chosen and rejected must all be token-id lists (of ints) or "
+                f"all be text; here {kinds}."
             )
-        if tok is None:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(tokenizer)
-        eos = 1 if tok.eos_token_id is not None else 0
-        n_prompt = len(tok(row["prompt"])["input_ids"])
-        n_chosen = len(tok(row["chosen"], add_special_tokens=False)["input_ids"]) + eos
-        n_rejected = len(tok(row["rejected"], add_special_tokens=False)["input_ids"]) + eos
-        out.append((n_prompt, n_chosen, n_rejected))
+        if empty := [k for k, length in zip(fields, lengths, strict=True) if length < 1]:
+            raise PairoptError(f"{where}: {', '.join(empty)} has no tokens.")
+        out.append(lengths)
     return out
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value
+    )
+
+
+def check_tokenizer_dir(path: str) -> None:
+    """--tokenizer names a local directory (the bench never downloads)."""
+    if not Path(path).is_dir():
+        what = "is a file, not a directory" if Path(path).exists() else "does not exist"
+        raise PairoptError(
+            f"--tokenizer {path}: the local tokenizer directory {what}. Give the directory "
+            "of a saved tokenizer (tokenizer.json / tokenizer_config.json), or store token-id "
+            "lists in --data."
+        )
+
+
+def load_tokenizer(path: str) -> Any:
+    check_tokenizer_dir(path)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise PairoptError(
+            f"--tokenizer {path}: transformers cannot load a tokenizer from this directory "
+            f"({str(err).splitlines()[0] if str(err) else type(err).__name__})."
+        ) from err
 
 
 def make_batches(
@@ -457,12 +569,107 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, option: str = "--device") -> torch.device:
+    """A device that exists here ("auto": cuda if available, else cpu), or a PairoptError.
+
+    Shared by `pairopt bench` and `pairopt verify`.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PairoptError("--device cuda: no CUDA device here. Use --device cpu.")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise PairoptError(
+            f"{option} {name!r}: not a device torch knows. Use cpu, cuda or cuda:N."
+        ) from err
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PairoptError(f"{option} {name}: no CUDA device here. Use {option} cpu.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise PairoptError(
+                f"{option} {name}: only {torch.cuda.device_count()} CUDA device(s) here "
+                f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})."
+            )
+        return device
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if not callable(available) or not available():
+        raise PairoptError(
+            f"{option} {name}: no {device.type} device in this torch build. Use {option} cpu"
+            f"{' or cuda' if torch.cuda.is_available() else ''}."
+        )
+    return device
+
+
+def check_flex_device(device: torch.device, option: str) -> None:
+    """backend='flex' only on CUDA: on the CPU FlexAttention has no backward and torch's inductor
+    CPU template fails to compile for some head sizes (a CppCompileError deep in torch)."""
+    if device.type != "cuda":
+        where = "the CPU" if device.type == "cpu" else device.type
+        raise PairoptError(
+            f"{option} flex: backend='flex' needs a CUDA device on this build (on {where} it "
+            "has no backward and torch's inductor kernel for it fails to compile): use sdpa, "
+            f"eager or varlen on {where}."
+        )
+
+
+# (option attribute, least value) of every integer option; checked before anything is built
+INT_MINIMUMS = {
+    **dict.fromkeys(("pairs_per_step", "steps", "bucket_size", "chunk_size"), 1),
+    **dict.fromkeys(("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab"), 1),
+    **dict.fromkeys(("sweep_tokens", "chunk_elements"), 1),
+    **dict.fromkeys(("warmup", "row_tokens", "threads"), 0),
+}
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Every integer option in its range: a PairoptError naming the option and its value."""
+    for name, least in INT_MINIMUMS.items():
+        value = getattr(args, name, least)
+        if value < least:
+            hint = {"row_tokens": " (0: a whole step per row)", "threads": " (0: leave)"}
+            raise PairoptError(
+                f"--{name.replace('_', '-')} must be >= {least}{hint.get(name, '')}, got {value}."
+            )
+
+
+def check_shape(shape: ModelShape) -> None:
+    """The Llama shape can be built and run: heads divide hidden into an even head size (rotary
+    embeddings rotate pairs), and kv-heads divide heads (grouped-query attention)."""
+    if shape.hidden % shape.heads:
+        raise PairoptError(
+            f"--hidden {shape.hidden} is not divisible by --heads {shape.heads}: the head size "
+            "is hidden / heads. Choose heads that divide hidden."
+        )
+    if (shape.hidden // shape.heads) % 2:
+        raise PairoptError(
+            f"--hidden {shape.hidden} / --heads {shape.heads} = head size "
+            f"{shape.hidden // shape.heads}, odd: rotary embeddings need an even head size."
+        )
+    if shape.heads % shape.kv_heads:
+        raise PairoptError(
+            f"--heads {shape.heads} is not divisible by --kv-heads {shape.kv_heads}: each "
+            "key/value head serves heads / kv-heads query heads. Choose kv-heads that divide heads."
+        )
+
+
+def parse_vocabs(text: str) -> list[int]:
+    """--memory-sweep "32000,128000": the vocabulary sizes, each an integer >= 1."""
+    vocabs = []
+    for item in text.split(","):
+        try:
+            vocab = int(item.strip())
+        except ValueError:
+            vocab = 0
+        if vocab < 1:
+            raise PairoptError(
+                f"--memory-sweep {text!r}: {item.strip()!r} is not a vocabulary size; give "
+                "comma-separated integers >= 1, e.g. 32000,128000."
+            )
+        vocabs.append(vocab)
+    return vocabs
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -478,13 +685,18 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise PairoptError(f"--modes {args.modes!r}: choose from {', '.join(MODES)}.")
-    for name in ("pairs_per_step", "steps", "bucket_size", "chunk_size"):
-        if getattr(args, name) < 1:
-            raise PairoptError(f"--{name.replace('_', '-')} must be >= 1.")
+    check_numbers(args)
     if not 0 <= args.jitter < 1:
-        raise PairoptError("--jitter must be in [0, 1).")
-    if args.timer == "cpu" and _resolve_device(args.device).type == "cuda":
+        raise PairoptError(f"--jitter must be in [0, 1), got {args.jitter}.")
+    device = resolve_device(args.device)
+    if args.timer == "cpu" and device.type == "cuda":
         raise PairoptError("--timer cpu measures CPU time: on CUDA use --timer wall.")
+    from pairopt.engine.attention import BACKENDS
+
+    if args.backend not in ("auto", *BACKENDS):
+        raise PairoptError(f"--backend {args.backend!r}: choose auto, {', '.join(BACKENDS)}.")
+    if args.backend == "flex":
+        check_flex_device(device, "--backend")
     return BenchOptions(
         modes=modes,
         pairs_per_step=args.pairs_per_step,
@@ -503,6 +715,45 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     )
 
 
+def draw_batches(
+    opts: BenchOptions,
+    shape: ModelShape,
+    sources: dict[str, list[tuple[int, int, int]] | dict[str, Any]],
+) -> dict[str, list[list[PreferencePair]]]:
+    """Each source's batches (a profile dict or a list of (P, C, R)), checked: enough of them
+    for the rounds and every pair within --row-tokens, so bad input fails before any model."""
+    n = (opts.warmup + opts.steps) * opts.pairs_per_step
+    drawn = {}
+    for i, (name, source) in enumerate(sources.items()):
+        rng = random.Random(opts.seed + i)
+        if isinstance(source, dict):
+            lengths = profile_lengths(source, n, opts.jitter, rng)
+        else:
+            lengths = list(source)
+            rng.shuffle(lengths)
+        batches = make_batches(lengths, opts.pairs_per_step, shape.vocab, opts.seed + i)
+        check_batches(name, batches, opts)
+        drawn[name] = batches
+    return drawn
+
+
+def run_batches(
+    opts: BenchOptions,
+    shape: ModelShape,
+    drawn: dict[str, list[list[PreferencePair]]],
+    device: torch.device,
+    dtype: torch.dtype,
+    log: Callable[[str], None] = print,
+) -> list[ProfileResult]:
+    """Bench every source's batches (`draw_batches`) on one model."""
+    model = build_model(shape, str(device), dtype, opts.seed)
+    results = []
+    for name, batches in drawn.items():
+        log(f"{name}: {len(batches)} batches of {opts.pairs_per_step} pairs")
+        results.append(run_profile(name, model, batches, opts, log))
+    return results
+
+
 def run(
     opts: BenchOptions,
     shape: ModelShape,
@@ -512,20 +763,46 @@ def run(
     log: Callable[[str], None] = print,
 ) -> list[ProfileResult]:
     """Bench every source (a profile dict or a list of (P, C, R)) on one model."""
-    model = build_model(shape, str(device), dtype, opts.seed)
-    results = []
-    n = (opts.warmup + opts.steps) * opts.pairs_per_step
-    for i, (name, source) in enumerate(sources.items()):
-        rng = random.Random(opts.seed + i)
-        if isinstance(source, dict):
-            lengths = profile_lengths(source, n, opts.jitter, rng)
-        else:
-            lengths = list(source)
-            rng.shuffle(lengths)
-        batches = make_batches(lengths, opts.pairs_per_step, shape.vocab, opts.seed + i)
-        log(f"{name}: {len(batches)} batches of {opts.pairs_per_step} pairs")
-        results.append(run_profile(name, model, batches, opts, log))
-    return results
+    return run_batches(opts, shape, draw_batches(opts, shape, sources), device, dtype, log)
+
+
+def check_batches(
+    name: str, batches: Sequence[Sequence[PreferencePair]], opts: BenchOptions
+) -> None:
+    """Enough batches for the rounds, and every pair fits one packed row of --row-tokens."""
+    if len(batches) < opts.warmup + opts.steps:
+        raise PairoptError(
+            f"profile {name}: {len(batches)} batches of {opts.pairs_per_step} pairs for "
+            f"{opts.warmup} warm-up + {opts.steps} measured rounds; give more data or fewer "
+            "--steps / --warmup / --pairs-per-step."
+        )
+    if not opts.row_tokens:
+        return
+    for mode in opts.modes:
+        share, pack = MODES[mode]
+        if not pack:
+            continue
+        # a packed row holds whole segments: the pair (shared) or prompt + one response
+        need = max(
+            len(p.prompt)
+            + (len(p.chosen) + len(p.rejected) if share else max(len(p.chosen), len(p.rejected)))
+            for b in batches[: opts.warmup + opts.steps]
+            for p in b
+        )
+        if need > opts.row_tokens:
+            what = "prompt + both responses" if share else "prompt + one response"
+            raise PairoptError(
+                f"--row-tokens {opts.row_tokens}: profile {name} has a pair needing {need} "
+                f"tokens in one row in mode {mode} ({what}). Raise --row-tokens to at least "
+                f"{need}, or give 0 (a whole step per row)."
+            )
+
+
+def _make_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PairoptError(f"--out {out}: cannot make the output directory ({err}).") from err
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -538,12 +815,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return peer.main([a for a in argv if a != "--peer"])
     args = _parser().parse_args(argv)
+    check_numbers(args)  # before anything is built or written
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = _resolve_device(args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
     if args.memory_sweep:
-        vocabs = [int(v) for v in args.memory_sweep.split(",")]
+        vocabs = parse_vocabs(args.memory_sweep)
+        _make_out(args.out)
         rows = memory_sweep(
             vocabs,
             args.hidden,
@@ -581,24 +859,29 @@ def main(argv: list[str] | None = None) -> int:
             args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate, args.vocab
         )
     )
+    check_shape(shape)
+    if args.tokenizer is not None:
+        check_tokenizer_dir(args.tokenizer)
     sources: dict[str, Any]
     if args.data is not None:
-        if not args.data.exists():
-            raise PairoptError(f"--data {args.data}: no such file.")
         sources = {args.data.stem: dataset_lengths(args.data, args.tokenizer)}
     else:
-        if not args.profiles_file.exists():
-            raise PairoptError(f"--profiles-file {args.profiles_file}: no such file.")
         profiles = load_profiles(args.profiles_file)
-        names = list(profiles) if args.profiles == "all" else args.profiles.split(",")
+        names = (
+            list(profiles)
+            if args.profiles == "all"
+            else [n.strip() for n in args.profiles.split(",")]
+        )
         bad = [n for n in names if n not in profiles]
         if bad:
             raise PairoptError(
                 f"--profiles: unknown {', '.join(bad)}; choose from {', '.join(profiles)} or all."
             )
         sources = {n: profiles[n] for n in names}
+    drawn = draw_batches(opts, shape, sources)
+    _make_out(args.out)
     started = time.perf_counter()
-    results = run(opts, shape, sources, device, dtype)
+    results = run_batches(opts, shape, drawn, device, dtype)
     table = format_table(results)
     print(table)
     report: dict[str, Any] = {

@@ -186,6 +186,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from pairopt.bench import ModelShape, check_numbers, check_shape
+
+    check_numbers(args)  # the options it shares with the bench, in the same ranges
+    check_shape(ModelShape(args.hidden, args.layers, args.heads, args.heads, vocab=args.vocab))
+    if args.vocab < 3:  # ids 0 and 1 are <pad> and </s>: words need at least one more
+        raise PairoptError(f"--vocab must be >= 3 for the peer's word tokenizer, got {args.vocab}.")
+    if not 0 <= args.jitter < 1:
+        raise PairoptError(f"--jitter must be in [0, 1), got {args.jitter}.")
     try:
         import trl
     except ImportError as err:

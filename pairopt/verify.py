@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from pairopt.bench import check_flex_device, resolve_device
 from pairopt.engine.attention import BACKENDS, resolve_backend
 from pairopt.engine.compat import check_shareable
 from pairopt.engine.forward import compute_response_logps
@@ -157,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=["float32", "float64", "bfloat16", "float16"],
         help="weights dtype (default float32: differences then show bugs, not rounding)",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N"
+    )
     parser.add_argument(
         "--backends",
         default=None,
@@ -173,12 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.pairs < 1:
         raise PairoptError(f"--pairs must be >= 1, got {args.pairs}.")
-    backends = args.backends.split(",") if args.backends else None
+    for name in ("atol", "rtol"):
+        value = getattr(args, name)
+        if value is not None and not value >= 0:  # NaN fails too
+            raise PairoptError(f"--{name} must be >= 0, got {value}.")
+    device = resolve_device(args.device)
+    backends = [b.strip() for b in args.backends.split(",")] if args.backends else None
     if backends and (bad := sorted(set(backends) - set(BACKENDS))):
         raise PairoptError(f"--backends: unknown {bad}; choose from {', '.join(BACKENDS)}.")
+    if backends and "flex" in backends:
+        check_flex_device(device, "--backends")
     model = load_causal_lm(
         args.model, dtype=args.dtype, seed=args.seed, trust_remote_code=args.trust_remote_code
-    ).to(args.device)
+    ).to(device)
     default_atol, default_rtol = TOLERANCES[getattr(torch, args.dtype)]
     tolerance = (
         default_atol if args.atol is None else args.atol,

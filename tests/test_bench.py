@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from pairopt import bench
 from pairopt.bench_measure import memory_sweep
@@ -104,6 +105,154 @@ def test_bad_input_is_one_error(capsys, tmp_path: Path):
     data.write_text(json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b"}))
     assert cli_main(["bench", "--data", str(data), "--out", str(tmp_path)]) == 2
     assert "--tokenizer" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Bad input must fail before any model is built: building one fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built for bad input")
+
+    monkeypatch.setattr(bench, "build_model", refuse)
+    monkeypatch.setattr("pairopt.bench_measure.memory_sweep", refuse)
+
+
+def bench_error(capsys, argv: list[str], tmp_path: Path) -> str:
+    """Exit code 2, one error message (no traceback), nothing written; the message."""
+    out = tmp_path / "out"
+    assert cli_main(["bench", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pairopt bench: error: ") and "Traceback" not in err
+    assert not out.exists()
+    return " ".join(err.split())  # unwrapped
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+GOOD_ROW = json.dumps({"prompt": [1, 2], "chosen": [3], "rejected": [4]})
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("bad.jsonl", GOOD_ROW + "\n\nnot json\n", "bad.jsonl line 3: not JSON"),
+        ("list.jsonl", "[1, 2]\n", "list.jsonl line 1: a JSON list, not an object"),
+        ("missing.jsonl", '{"prompt": [1], "chosen": [2]}\n', "missing field(s) rejected"),
+        (
+            "mixed.jsonl",
+            '{"prompt": [1], "chosen": "a", "rejected": [2]}\n',
+            "chosen is str",
+        ),
+        ("empty_resp.jsonl", '{"prompt": [1], "chosen": [], "rejected": [2]}\n', "chosen has no"),
+        ("blank.jsonl", "\n\n", "blank.jsonl: no rows"),
+    ],
+)
+def test_bad_data_file(capsys, tmp_path: Path, no_model, name, text, expected):
+    path = write(tmp_path / name, text)
+    assert expected in bench_error(capsys, ["--data", path], tmp_path)
+
+
+def test_data_that_is_a_directory_or_missing(capsys, tmp_path: Path, no_model):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    err = bench_error(capsys, ["--data", str(folder)], tmp_path)
+    assert f"--data {folder}: is a directory" in err
+    err = bench_error(capsys, ["--data", str(tmp_path / "nope.jsonl")], tmp_path)
+    assert "nope.jsonl: no such file" in err
+
+
+def test_too_little_data_fails_before_the_model(capsys, tmp_path: Path, no_model):
+    path = write(tmp_path / "few.jsonl", GOOD_ROW + "\n")
+    err = bench_error(capsys, ["--data", path, "--pairs-per-step", "2"], tmp_path)
+    assert "profile few: 0 batches of 2 pairs" in err
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("{not json", "not JSON (Expecting property name"),
+        ("[]", 'non-empty "profiles" list'),
+        ('{"profiles": [3]}', "profile 1 is int"),
+        (
+            '{"profiles": [{"name": "p", "completion_tokens": 5}]}',
+            "profile 'p' lacks prompt_tokens; every profile needs name, prompt_tokens, "
+            "completion_tokens",
+        ),
+        ('{"profiles": [{"prompt_tokens": 5, "completion_tokens": 5}]}', "profile 1 lacks name"),
+        (
+            '{"profiles": [{"name": "p", "prompt_tokens": "x", "completion_tokens": 5}]}',
+            "profile 'p' has prompt_tokens 'x'",
+        ),
+    ],
+)
+def test_bad_profiles_file(capsys, tmp_path: Path, no_model, text, expected):
+    path = write(tmp_path / "profiles.json", text)
+    err = bench_error(capsys, ["--profiles-file", path], tmp_path)
+    assert f"--profiles-file {path}" in err and expected in err
+
+
+def test_tokenizer_directory(capsys, tmp_path: Path, no_model):
+    data = write(tmp_path / "text.jsonl", '{"prompt": "hi", "chosen": "a", "rejected": "b"}\n')
+    err = bench_error(capsys, ["--data", data, "--tokenizer", "./nowhere"], tmp_path)
+    assert "--tokenizer ./nowhere: the local tokenizer directory does not exist" in err
+    empty = tmp_path / "empty_tok"
+    empty.mkdir()
+    err = bench_error(capsys, ["--data", data, "--tokenizer", str(empty)], tmp_path)
+    assert f"--tokenizer {empty}: transformers cannot load a tokenizer" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+        (["--threads", "-1"], "--threads must be >= 0 (0: leave), got -1"),
+        (["--row-tokens", "-5"], "--row-tokens must be >= 0 (0: a whole step per row), got -5"),
+        (["--pairs-per-step", "0"], "--pairs-per-step must be >= 1, got 0"),
+        (["--bucket-size", "-3"], "--bucket-size must be >= 1, got -3"),
+        (["--chunk-size", "0"], "--chunk-size must be >= 1, got 0"),
+        (["--hidden", "0"], "--hidden must be >= 1, got 0"),
+        (["--layers", "0"], "--layers must be >= 1, got 0"),
+        (["--heads", "-2"], "--heads must be >= 1, got -2"),
+        (["--kv-heads", "0"], "--kv-heads must be >= 1, got 0"),
+        (["--intermediate", "0"], "--intermediate must be >= 1, got 0"),
+        (["--vocab", "0"], "--vocab must be >= 1, got 0"),
+        (["--sweep-tokens", "0", "--memory-sweep", "64"], "--sweep-tokens must be >= 1, got 0"),
+        (["--heads", "3"], "--hidden 256 is not divisible by --heads 3"),
+        (["--heads", "4", "--kv-heads", "3"], "--heads 4 is not divisible by --kv-heads 3"),
+        (["--hidden", "6", "--heads", "2", "--kv-heads", "2"], "head size 3, odd"),
+        (["--memory-sweep", "abc"], "--memory-sweep 'abc': 'abc' is not a vocabulary size"),
+        (["--memory-sweep", "0"], "--memory-sweep '0': '0' is not a vocabulary size"),
+        (["--memory-sweep", "64,,128"], "'' is not a vocabulary size"),
+        (["--backend", "flex", "--device", "cpu"], "--backend flex: backend='flex' needs a CUDA"),
+        (["--backend", "magic"], "--backend 'magic': choose auto, sdpa, eager, flex, varlen"),
+        (["--device", "tpu"], "--device 'tpu': not a device torch knows"),
+        (["--jitter", "1.5"], "--jitter must be in [0, 1), got 1.5"),
+        (
+            ["--row-tokens", "8", "--profiles", "tldr"],
+            "--row-tokens 8: profile tldr has a pair needing",
+        ),
+    ],
+)
+def test_bad_options_are_refused_up_front(capsys, tmp_path: Path, no_model, argv, expected):
+    assert expected in bench_error(capsys, argv, tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu(capsys, tmp_path: Path, no_model):
+    assert "--device cuda: no CUDA device here" in bench_error(
+        capsys, ["--device", "cuda"], tmp_path
+    )
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--heads", "3"], ["--vocab", "2"]])
+def test_peer_options_are_checked_before_trl(capsys, tmp_path: Path, argv):
+    err = bench_error(capsys, ["--peer", *argv], tmp_path)
+    assert argv[0] in err
 
 
 def test_memory_sweep_chunked_head_stays_flat():

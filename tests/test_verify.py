@@ -54,3 +54,30 @@ def test_verify_refuses_an_alibi_model(tmp_path, capsys):
 def test_verify_bad_arguments(capsys):
     assert main(["verify", "--model", "/no/such/dir", "--backends", "cuda-magic"]) == 2
     assert "unknown ['cuda-magic']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--device", "tpu"], "--device 'tpu': not a device torch knows"),
+        (["--atol", "-1"], "--atol must be >= 0, got -1.0"),
+        (["--rtol", "-0.5"], "--rtol must be >= 0, got -0.5"),
+        (["--rtol", "nan"], "--rtol must be >= 0, got nan"),
+        (["--device", "cpu", "--backends", "flex"], "--backends flex: backend='flex' needs a CUDA"),
+        (["--device", "cpu", "--backends", "sdpa,flex"], "use sdpa, eager or varlen on the CPU"),
+    ],
+)
+def test_verify_refuses_bad_options_before_loading(capsys, monkeypatch, argv, expected):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded for bad input")
+
+    monkeypatch.setattr("pairopt.verify.load_causal_lm", refuse)
+    assert main(["verify", "--model", "builtin:none", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and expected in " ".join(err.split())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_verify_cuda_without_a_gpu(capsys):
+    assert main(["verify", "--model", "builtin:none", "--device", "cuda"]) == 2
+    assert "--device cuda: no CUDA device here" in capsys.readouterr().err
