@@ -10,6 +10,7 @@ import torch
 from pairopt.config import TrainConfig
 from pairopt.pairs import PairLogps
 from pairopt.policy import Pairs
+from pairopt.run_log import work_bar
 
 
 class Evaluator:
@@ -57,8 +58,14 @@ class Evaluator:
         rows: list[tuple[float, ...]] = []
         self.wrapped.eval()
         self.loss_fn.eval()
+        bar = work_bar(
+            self.cfg.logging.progress_bar and accelerator.is_main_process,
+            math.ceil(per_process / self.cfg.eval.batch_size),
+            f"eval at step {step}",
+        )
         try:
             for start in range(0, per_process, self.cfg.eval.batch_size):
+                bar.update(1)
                 batch = mine[start : start + self.cfg.eval.batch_size]
                 real = [max(i, 0) for i in batch]
                 pairs = self.rows_to_pairs(self.dataset[real])
@@ -76,6 +83,7 @@ class Evaluator:
                         row += _row(ref, j)
                     rows.append(tuple(row))
         finally:
+            bar.close()
             self.wrapped.train()
             self.loss_fn.train()
         if world > 1:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +35,7 @@ from pairopt.config import TrainConfig
 from pairopt.engine.compat import disable_dropout
 from pairopt.engine.forward import compute_logps
 from pairopt.pairs import PairLogps, PreferencePair
+from pairopt.run_log import work_bar
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +189,7 @@ def precompute(
     batch_size: int,
     accelerator: Any,
     autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    progress: bool = False,
 ) -> PrecomputedReference:
     """Reference log-probs of every row of every split, from the cache or computed and cached.
 
@@ -204,11 +207,16 @@ def precompute(
     live = LiveReference(model, engine_kwargs, autocast)
     rank, world = accelerator.process_index, accelerator.num_processes
     tables = {}
+    batches = sum(
+        math.ceil(len(range(rank, len(ds), world)) / batch_size) for ds in splits.values()
+    )
+    bar = work_bar(progress and accelerator.is_main_process, batches, "reference log-probs")
     for split, dataset in splits.items():
         mine = list(range(rank, len(dataset), world))
         rows: list[tuple[int, float, float, int, int]] = []
         for batch in _chunks(mine, batch_size):
             out = live.logps(rows_to_pairs(dataset[batch]), batch, split).to("cpu")
+            bar.update(1)
             rows += zip(
                 batch,
                 out.chosen_logps.float().tolist(),
@@ -228,6 +236,7 @@ def precompute(
             torch.tensor([r[3] for r in rows], dtype=torch.long),
             torch.tensor([r[4] for r in rows], dtype=torch.long),
         )
+    bar.close()
     if accelerator.is_main_process:
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         try:
@@ -335,6 +344,7 @@ def setup_reference(
         batch_size=cfg.eval.batch_size,
         accelerator=accelerator,
         autocast=accelerator.autocast,
+        progress=cfg.logging.progress_bar,
     )
     if not named:
         policy.to(original_device)

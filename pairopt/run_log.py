@@ -86,6 +86,15 @@ def progress_bar(cfg: TrainConfig, is_main: bool, total: int, initial: int) -> A
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
+def work_bar(enabled: bool, total: int, desc: str) -> Any:
+    """A transient progress bar for a pass over the data (reference precompute, evaluation)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=not enabled
+    )
+
+
 def print_summary(
     say: Printer,
     cfg: TrainConfig,

@@ -348,3 +348,18 @@ def test_an_unwritable_reference_cache_only_warns(model_dir: Path, tmp_path: Pat
     with pytest.warns(UserWarning, match="could not write the reference log-prob cache"):
         result = train(cfg)
     assert len(result.history) == 1
+
+
+def test_long_passes_show_progress(model_dir: Path, tmp_path: Path, capsys) -> None:
+    """The reference precompute and the evaluation passes have progress bars, like training."""
+    train(
+        tiny_config(
+            model_dir,
+            tmp_path / "run",
+            reference={"strategy": "precompute", "cache_dir": str(tmp_path / "cache")},
+            logging={"progress_bar": True},
+            optim={"max_steps": 1},
+        )
+    )
+    err = capsys.readouterr().err
+    assert "reference log-probs" in err and "eval at step 1" in err and "train" in err
