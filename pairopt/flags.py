@@ -85,7 +85,13 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
     resume_flags = [raw or "latest" for key, raw, _ in overrides if key == "checkpoint.resume"]
     resume = resume_flags[-1] if resume_flags else None
     if resume is not None:
-        run_dir = _resume_run_dir(resume, _output_dir_given(overrides, file_data))
+        given = _output_dir_given(overrides, file_data)
+        if resume == "latest" and given is None:
+            raise PairoptError(
+                "--resume with no value continues the run in --output-dir: pass --output-dir RUN "
+                "too, or --resume RUN (a run or checkpoint directory)."
+            )
+        run_dir = _resume_run_dir(resume, given)
         if run_dir is not None and (run_dir / "config.yaml").is_file():
             saved = read_yaml(run_dir / "config.yaml")
             saved.setdefault("checkpoint", {})["resume"] = None

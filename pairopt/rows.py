@@ -94,6 +94,13 @@ def check_messages(value: Any, column: str) -> list[dict[str, str]]:
                 "wrong_type",
                 f"column {column!r} message {i} is {type(message).__name__}, expected a dict",
             )
+        if "role" not in message and {"from", "value"} <= message.keys():
+            raise BadRow(
+                "wrong_type",
+                f"column {column!r} message {i} is ShareGPT-style {{from, value}}; pairopt reads "
+                "{role, content} messages (as TRL does): convert the dataset first, e.g. "
+                "from -> role (human -> user, gpt -> assistant) and value -> content",
+            )
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
                 raise BadRow(

@@ -147,6 +147,11 @@ BAD_INPUT = [
         ["--loss", "dpo", "--optim.lr"], ["--optim.lr needs a value"], id="flag-without-value"
     ),
     pytest.param(
+        ["--loss", "dpo", "--resume"],
+        ["--resume with no value", "--output-dir RUN"],
+        id="bare-resume-without-output-dir",
+    ),
+    pytest.param(
         ["--loss", "dpo", "--engine.bucket_size", "100000"],
         ["engine.bucket_size", "less than or equal to 8192"],
         id="huge-bucket",

@@ -297,6 +297,7 @@ CONV_OK = {"prompt": USER, "chosen": [{"role": "assistant", "content": "Hello"}]
 BAD_CONV_ROWS = {
     "no_content": ({**CONV_OK, "chosen": [{"role": "assistant"}]}, "wrong_type", "message 0 has content of type NoneType"),
     "no_messages": ({**CONV_OK, "rejected": []}, "empty_response", "'rejected' is empty"),
+    "sharegpt": ({**CONV_OK, "chosen": [{"from": "gpt", "value": "Hello"}]}, "wrong_type", "ShareGPT-style"),
 }  # fmt: skip
 
 
