@@ -465,7 +465,13 @@ def load_preference_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 0) -> P
     else:
         eval_source = "none (eval_split is None)"
 
-    report = DataReport(source=where, format=layout.name, splits=reports, eval_source=eval_source)
+    format_name = layout.name
+    if layout.implicit and cfg.format == "auto":  # say why, in case the prompt column was misnamed
+        format_name += (
+            f", because there is no {cfg.prompt_column!r} column: the shared beginning of "
+            "chosen and rejected is the prompt; set data.prompt_column if another column holds it"
+        )
+    report = DataReport(source=where, format=format_name, splits=reports, eval_source=eval_source)
     if len(train) == 0:
         raise PairoptError(f"No usable training pairs are left. {report}")
     return PreferenceData(train=train, eval=eval_ds, report=report)

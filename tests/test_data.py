@@ -188,14 +188,15 @@ def test_implicit_messages_equal_explicit_conversational(tmp_path: Path, tok: An
     implicit = load(
         write_jsonl(tmp_path / "i.jsonl", [{"chosen": user + good, "rejected": user + bad}]), tok
     )
-    assert implicit.report.format == "implicit (messages)"
+    assert implicit.report.format.startswith("implicit (messages), because there is no 'prompt'")
     assert implicit.train[:] == explicit.train[:]
 
 
 def test_implicit_text_prompt_is_the_shared_prefix(tmp_path: Path, tok: Any) -> None:
     row = {"chosen": "The sky is blue.", "rejected": "The sky is black."}
     data = load(write_jsonl(tmp_path / "i.jsonl", [row]), tok)
-    assert data.report.format == "implicit (text)"
+    assert data.report.format.startswith("implicit (text), because there is no 'prompt' column")
+    assert "set data.prompt_column" in data.report.format
     assert data.train[0] == expected_row(tok, "The sky is", " blue.", " black.")
 
 
