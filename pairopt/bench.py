@@ -47,6 +47,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from pairopt.bench_checks import (
+    check_flex_device,
+    check_numbers,
+    check_shape,
+    check_tokenizer_dir,
+    parse_vocabs,
+    resolve_device,
+    resolve_dtype,
+)
+from pairopt.bench_data import (
+    PROFILES_PATH,
+    dataset_lengths,
+    ideal_speedup,
+    load_profiles,
+    make_batches,
+    profile_lengths,
+)
 from pairopt.errors import PairoptError
 from pairopt.pairs import PreferencePair
 
@@ -57,7 +74,6 @@ MODES: dict[str, tuple[bool, bool]] = {  # name -> (share_prefix, packing)
     "shared-packed": (True, True),
 }
 BASELINES = ("unshared-padded", "unshared-packed")
-PROFILES_PATH = Path(__file__).parent / "assets" / "profiles.json"
 
 
 @dataclass(frozen=True)
@@ -93,196 +109,6 @@ class BenchOptions:
     measure_memory: bool = True
     timer: str = "wall"  # or "cpu": process CPU time, immune to waiting for a shared CPU
     breakdown: bool = False  # profile the batches once more: attention / matmul / other / layout
-
-
-# ----------------------------------------------------------------------------- data
-
-
-PROFILE_KEYS = ("name", "prompt_tokens", "completion_tokens")  # what a profile must have
-
-
-def read_text(path: Path, option: str) -> str:
-    """The text of a file named by a command-line option, or a PairoptError saying what is wrong."""
-    if not path.exists():
-        raise PairoptError(f"{option} {path}: no such file.")
-    if path.is_dir():
-        raise PairoptError(f"{option} {path}: is a directory; give a file.")
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise PairoptError(f"{option} {path}: cannot read it as UTF-8 text ({err}).") from err
-
-
-def load_profiles(path: Path = PROFILES_PATH) -> dict[str, dict[str, Any]]:
-    """Profile name -> {prompt_tokens, completion_tokens, ideal_speedup, ...}.
-
-    The file is JSON: {"profiles": [{"name": ..., "prompt_tokens": P, "completion_tokens": C},
-    ...]}; anything else is a PairoptError naming the file, the profile and what is wrong.
-    """
-    where = f"--profiles-file {path}"
-    try:
-        data = json.loads(read_text(path, "--profiles-file"))
-    except json.JSONDecodeError as err:
-        raise PairoptError(
-            f"{where}: not JSON ({err.msg} at line {err.lineno}, column {err.colno})."
-        ) from err
-    profiles = data.get("profiles") if isinstance(data, dict) else None
-    if not isinstance(profiles, list) or not profiles:
-        raise PairoptError(
-            f'{where}: expected an object with a non-empty "profiles" list, each profile an '
-            f"object with {', '.join(PROFILE_KEYS)}."
-        )
-    out: dict[str, dict[str, Any]] = {}
-    for i, profile in enumerate(profiles, start=1):
-        label = (
-            f"profile {profile.get('name', i)!r}" if isinstance(profile, dict) else f"profile {i}"
-        )
-        if not isinstance(profile, dict):
-            raise PairoptError(
-                f"{where}: {label} is {type(profile).__name__}, not an object with "
-                f"{', '.join(PROFILE_KEYS)}."
-            )
-        missing = [k for k in PROFILE_KEYS if k not in profile]
-        if missing:
-            raise PairoptError(
-                f"{where}: {label} lacks {', '.join(missing)}; every profile needs "
-                f"{', '.join(PROFILE_KEYS)}."
-            )
-        for key in ("prompt_tokens", "completion_tokens"):
-            value = profile[key]
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 1:
-                raise PairoptError(
-                    f"{where}: {label} has {key} {value!r}; it must be a number >= 1."
-                )
-        out[str(profile["name"])] = profile
-    return out
-
-
-def profile_lengths(
-    profile: dict[str, Any], n: int, jitter: float, rng: random.Random
-) -> list[tuple[int, int, int]]:
-    """n (P, C, R) triples around the profile's medians; C and R drawn independently."""
-
-    def draw(x: int) -> int:
-        return max(1, round(x * rng.uniform(1 - jitter, 1 + jitter)))
-
-    P, C = int(profile["prompt_tokens"]), int(profile["completion_tokens"])
-    return [(draw(P), draw(C), draw(C)) for _ in range(n)]
-
-
-def dataset_lengths(path: Path, tokenizer: str | None) -> list[tuple[int, int, int]]:
-    """(P, C, R) of every row of a JSONL file with prompt / chosen / rejected fields.
-
-    Fields are token-id lists, or text tokenised with `tokenizer` (a local path) as the data
-    loader does: the prompt with special tokens, each response without them plus EOS.
-    """
-    fields = ("prompt", "chosen", "rejected")
-    rows: list[tuple[int, dict[str, Any]]] = []  # (line number, row)
-    for n, line in enumerate(read_text(path, "--data").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise PairoptError(
-                f"--data {path} line {n}: not JSON ({err.msg} at column {err.colno}). Give a "
-                "JSONL file: one object with prompt/chosen/rejected per line."
-            ) from err
-        if not isinstance(row, dict):
-            raise PairoptError(
-                f"--data {path} line {n}: a JSON {type(row).__name__}, not an object with "
-                "prompt/chosen/rejected."
-            )
-        rows.append((n, row))
-    if not rows:
-        raise PairoptError(
-            f"--data {path}: no rows. Give a JSONL file with prompt/chosen/rejected."
-        )
-    tok: Any = None
-    out = []
-    for n, row in rows:
-        where = f"--data {path} line {n}"
-        missing = [k for k in fields if k not in row]
-        if missing:
-            raise PairoptError(f"{where}: missing field(s) {', '.join(missing)}.")
-        if all(_is_token_ids(row[k]) for k in fields):
-            lengths = (len(row["prompt"]), len(row["chosen"]), len(row["rejected"]))
-        elif all(isinstance(row[k], str) for k in fields):
-            if tokenizer is None:
-                raise PairoptError(
-                    f"{where}: text fields need a tokenizer: pass --tokenizer PATH "
-                    "(a local tokenizer directory), or store token-id lists."
-                )
-            if tok is None:
-                tok = load_tokenizer(tokenizer)
-            eos = 1 if tok.eos_token_id is not None else 0
-            n_prompt = len(tok(row["prompt"])["input_ids"])
-            n_chosen = len(tok(row["chosen"], add_special_tokens=False)["input_ids"]) + eos
-            n_rejected = len(tok(row["rejected"], add_special_tokens=False)["input_ids"]) + eos
-            lengths = (n_prompt, n_chosen, n_rejected)
-        else:
-            kinds = ", ".join(f"{k} is {type(row[k]).__name__}" for k in fields)
-            raise PairoptError(
-                f"{where}: prompt, chosen and rejected must all be token-id lists (of ints) or "
-                f"all be text; here {kinds}."
-            )
-        if empty := [k for k, length in zip(fields, lengths, strict=True) if length < 1]:
-            raise PairoptError(f"{where}: {', '.join(empty)} has no tokens.")
-        out.append(lengths)
-    return out
-
-
-def _is_token_ids(value: Any) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in value
-    )
-
-
-def check_tokenizer_dir(path: str) -> None:
-    """--tokenizer names a local directory (the bench never downloads)."""
-    if not Path(path).is_dir():
-        what = "is a file, not a directory" if Path(path).exists() else "does not exist"
-        raise PairoptError(
-            f"--tokenizer {path}: the local tokenizer directory {what}. Give the directory "
-            "of a saved tokenizer (tokenizer.json / tokenizer_config.json), or store token-id "
-            "lists in --data."
-        )
-
-
-def load_tokenizer(path: str) -> Any:
-    check_tokenizer_dir(path)
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise PairoptError(
-            f"--tokenizer {path}: transformers cannot load a tokenizer from this directory "
-            f"({str(err).splitlines()[0] if str(err) else type(err).__name__})."
-        ) from err
-
-
-def make_batches(
-    lengths: Sequence[tuple[int, int, int]], pairs_per_step: int, vocab: int, seed: int
-) -> list[list[PreferencePair]]:
-    """Consecutive groups of `pairs_per_step` pairs with random token ids of those lengths."""
-    g = torch.Generator().manual_seed(seed)
-
-    def ids(n: int) -> list[int]:
-        return torch.randint(0, vocab, (n,), generator=g).tolist()
-
-    pairs = [PreferencePair(ids(p), ids(c), ids(r)) for p, c, r in lengths]
-    return [
-        pairs[i : i + pairs_per_step]
-        for i in range(0, len(pairs) - pairs_per_step + 1, pairs_per_step)
-    ]
-
-
-def ideal_speedup(pairs: Sequence[PreferencePair]) -> float:
-    """sum(2P + C + R) / sum(P + C + R): tokens without sharing over tokens with it."""
-    unshared = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
-    shared = sum(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
-    return unshared / shared
 
 
 # ----------------------------------------------------------------------------- model and step
@@ -569,117 +395,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_device(name: str, option: str = "--device") -> torch.device:
-    """A device that exists here ("auto": cuda if available, else cpu), or a PairoptError.
-
-    Shared by `pairopt bench` and `pairopt verify`.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as err:
-        raise PairoptError(
-            f"{option} {name!r}: not a device torch knows. Use cpu, cuda or cuda:N."
-        ) from err
-    if device.type == "cpu":
-        return device
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise PairoptError(f"{option} {name}: no CUDA device here. Use {option} cpu.")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise PairoptError(
-                f"{option} {name}: only {torch.cuda.device_count()} CUDA device(s) here "
-                f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})."
-            )
-        return device
-    backend = getattr(torch, device.type, None)
-    available = getattr(backend, "is_available", None)
-    if not callable(available) or not available():
-        raise PairoptError(
-            f"{option} {name}: no {device.type} device in this torch build. Use {option} cpu"
-            f"{' or cuda' if torch.cuda.is_available() else ''}."
-        )
-    return device
-
-
-def check_flex_device(device: torch.device, option: str) -> None:
-    """backend='flex' only on CUDA: on the CPU FlexAttention has no backward and torch's inductor
-    CPU template fails to compile for some head sizes (a CppCompileError deep in torch)."""
-    if device.type != "cuda":
-        where = "the CPU" if device.type == "cpu" else device.type
-        raise PairoptError(
-            f"{option} flex: backend='flex' needs a CUDA device on this build (on {where} it "
-            "has no backward and torch's inductor kernel for it fails to compile): use sdpa, "
-            f"eager or varlen on {where}."
-        )
-
-
-# (option attribute, least value) of every integer option; checked before anything is built
-INT_MINIMUMS = {
-    **dict.fromkeys(("pairs_per_step", "steps", "bucket_size", "chunk_size"), 1),
-    **dict.fromkeys(("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab"), 1),
-    **dict.fromkeys(("sweep_tokens", "chunk_elements"), 1),
-    **dict.fromkeys(("warmup", "row_tokens", "threads"), 0),
-}
-
-
-def check_numbers(args: argparse.Namespace) -> None:
-    """Every integer option in its range: a PairoptError naming the option and its value."""
-    for name, least in INT_MINIMUMS.items():
-        value = getattr(args, name, least)
-        if value < least:
-            hint = {"row_tokens": " (0: a whole step per row)", "threads": " (0: leave)"}
-            raise PairoptError(
-                f"--{name.replace('_', '-')} must be >= {least}{hint.get(name, '')}, got {value}."
-            )
-
-
-def check_shape(shape: ModelShape) -> None:
-    """The Llama shape can be built and run: heads divide hidden into an even head size (rotary
-    embeddings rotate pairs), and kv-heads divide heads (grouped-query attention)."""
-    if shape.hidden % shape.heads:
-        raise PairoptError(
-            f"--hidden {shape.hidden} is not divisible by --heads {shape.heads}: the head size "
-            "is hidden / heads. Choose heads that divide hidden."
-        )
-    if (shape.hidden // shape.heads) % 2:
-        raise PairoptError(
-            f"--hidden {shape.hidden} / --heads {shape.heads} = head size "
-            f"{shape.hidden // shape.heads}, odd: rotary embeddings need an even head size."
-        )
-    if shape.heads % shape.kv_heads:
-        raise PairoptError(
-            f"--heads {shape.heads} is not divisible by --kv-heads {shape.kv_heads}: each "
-            "key/value head serves heads / kv-heads query heads. Choose kv-heads that divide heads."
-        )
-
-
-def parse_vocabs(text: str) -> list[int]:
-    """--memory-sweep "32000,128000": the vocabulary sizes, each an integer >= 1."""
-    vocabs = []
-    for item in text.split(","):
-        try:
-            vocab = int(item.strip())
-        except ValueError:
-            vocab = 0
-        if vocab < 1:
-            raise PairoptError(
-                f"--memory-sweep {text!r}: {item.strip()!r} is not a vocabulary size; give "
-                "comma-separated integers >= 1, e.g. 32000,128000."
-            )
-        vocabs.append(vocab)
-    return vocabs
-
-
-def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in ("float32", "bfloat16", "float16"):
-        raise PairoptError(f"--dtype {name!r}: choose auto, float32, bfloat16 or float16.")
-    return getattr(torch, name)
-
-
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     unknown = [m for m in modes if m not in MODES]
@@ -851,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out / 'memory.json'}")
         return 0
     opts = options_from_args(args)
-    dtype = _resolve_dtype(args.dtype, device)
+    dtype = resolve_dtype(args.dtype, device)
     shape = (
         GPU_SHAPE
         if args.gpu_shape

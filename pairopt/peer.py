@@ -186,7 +186,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from pairopt.bench import ModelShape, check_numbers, check_shape
+    from pairopt.bench import ModelShape
+    from pairopt.bench_checks import check_numbers, check_shape
 
     check_numbers(args)  # the options it shares with the bench, in the same ranges
     check_shape(ModelShape(args.hidden, args.layers, args.heads, args.heads, vocab=args.vocab))

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pairopt.bench import check_flex_device, resolve_device
+from pairopt.bench_checks import check_flex_device, resolve_device
 from pairopt.engine.attention import BACKENDS, resolve_backend
 from pairopt.engine.compat import check_shareable
 from pairopt.engine.forward import compute_response_logps
