@@ -16,7 +16,11 @@ from pairopt.errors import PairoptError
 from pairopt.run_log import flat_config
 
 # Settings that do not change what a resumed run computes: where it writes, what it prints.
-_NOT_TRAJECTORY = ("checkpoint.", "output.", "logging.", "eval.")
+_NOT_TRAJECTORY = (
+    *("checkpoint.", "output.", "logging.", "eval."),
+    *("reference.cache_dir", "optim.cpu_threads", "model.gradient_checkpointing"),
+    *("engine.backend", "engine.chunk_size"),  # the same values up to rounding
+)
 
 
 def save_checkpoint(
@@ -125,8 +129,8 @@ def check_output_dir(output: Path, *, resuming: bool) -> None:
             hint = "a finished one (its model is saved there); choose another --output-dir."
         else:
             hint = (
-                "one that stopped before its first checkpoint, so nothing in it can be "
-                "resumed: delete the directory or choose another --output-dir."
+                "it has no checkpoint to resume from, so choose another --output-dir (or delete "
+                "this one if that run is not needed)."
             )
         raise PairoptError(f"output directory {output} already holds a run (config.yaml): {hint}")
 

@@ -273,7 +273,9 @@ def _load_dataset_dict(cfg: DataConfig) -> tuple[datasets.DatasetDict, str]:
                 f"Cannot read {path}: unknown file type {path.suffix!r}. Supported: "
                 f"{', '.join(FILE_BUILDERS)} (or a folder of such files, or a hub dataset id)."
             )
-        if not path.read_bytes().strip():
+        with path.open("rb") as file:
+            start = file.read(1 << 16)
+        if not start.strip() and path.stat().st_size <= len(start):
             raise PairoptError(f"Cannot read {path}: the file is empty (no pairs in it).")
         where, args, kwargs = str(path), (builder,), {"data_files": str(path), **common}
     elif path.is_dir():
@@ -441,7 +443,7 @@ def load_preference_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 0) -> P
         )
         reports.append(eval_report)
         eval_source = f"split {cfg.eval_split!r}, {len(eval_ds)} pairs"
-    elif cfg.eval_fraction > 0:
+    elif cfg.eval_fraction > 0 and len(train) > 0:  # none left: reported below, with why
         held_out = math.ceil(cfg.eval_fraction * len(train))
         if held_out >= len(train):
             raise PairoptError(

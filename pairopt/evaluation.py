@@ -65,7 +65,6 @@ class Evaluator:
         )
         try:
             for start in range(0, per_process, self.cfg.eval.batch_size):
-                bar.update(1)
                 batch = mine[start : start + self.cfg.eval.batch_size]
                 real = [max(i, 0) for i in batch]
                 pairs = self.rows_to_pairs(self.dataset[real])
@@ -82,6 +81,7 @@ class Evaluator:
                     if ref is not None:
                         row += _row(ref, j)
                     rows.append(tuple(row))
+                bar.update(1)
         finally:
             bar.close()
             self.wrapped.train()

@@ -94,6 +94,8 @@ def load_causal_lm(
         return AutoModelForCausalLM.from_pretrained(
             path, revision=revision, dtype=torch_dtype, **extra
         )
+    except (ImportError, torch.OutOfMemoryError):
+        raise
     except Exception as err:  # a missing repo, a bad config, corrupt weights: one message
         raise PairoptError(
             f"could not load model {name_or_path!r}: {type(err).__name__}: "

@@ -17,6 +17,7 @@ uses none for reference-free losses.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -249,9 +250,9 @@ def precompute(
                 tmp,
             )
             os.replace(tmp, path)
-        except (
-            OSError
-        ) as err:  # the values are in memory: a cache that cannot be written is no reason to stop
+        except (OSError, RuntimeError) as err:  # a full disk, no permission: kept in memory
+            with contextlib.suppress(OSError):  # a half-written file must not stay behind
+                tmp.unlink()
             warnings.warn(
                 f"could not write the reference log-prob cache to {path} ({err}); this run uses "
                 "the values in memory and the next one will compute them again. Set "

@@ -216,7 +216,7 @@ def test_existing_run_directory_is_not_overwritten(
     argv = ["--loss", "dpo", "--output-dir", str(run_dir)]
     code, err = run(argv, capsys)  # stopped before its first checkpoint: nothing to resume
     assert code == 2 and squash("already holds a run") in squash(err)
-    assert squash("nothing in it can be resumed") in squash(err)
+    assert squash("it has no checkpoint to resume from") in squash(err)
     (run_dir / "config.json").write_text("{}")
     code, err = run(argv, capsys)
     assert code == 2 and squash("a finished one") in squash(err)

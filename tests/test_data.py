@@ -518,3 +518,11 @@ def test_rows_to_pairs_keeps_order_and_shares_the_prompt() -> None:
     ]
     with pytest.raises(ValueError):
         rows_to_pairs({**rows, "rejected_ids": [[2]]})
+
+
+def test_no_usable_rows_is_reported_as_such_with_eval_fraction(tmp_path: Path, tok: Any) -> None:
+    """All rows bad and skipped: the error is about the data, not about eval_fraction."""
+    rows = [{"prompt": "p", "chosen": " same", "rejected": " same"}] * 4
+    path = write_jsonl(tmp_path / "same.jsonl", rows)
+    with pytest.raises(PairoptError, match="No usable training pairs"):
+        load(path, tok, eval_fraction=0.25, on_bad_row="skip")
