@@ -104,6 +104,8 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
     # Overrides are coerced by the type of the field they set; loss parameters by the plugin's
     # Config, so the loss name (and --loss-module) must be known first.
     for key, raw, flag in overrides:
+        if key in ("loss.name", "loss.module") and not (raw or "").strip():
+            raise PairoptError(f"{flag} needs a value ({flag} VALUE)")
         if key == "loss.name":
             _switch_loss(data, sources, {"name": raw})
         if key in ("loss.name", "loss.module"):
@@ -281,13 +283,23 @@ def _coerce(raw: str | None, annotation: Any, flag: str) -> Any:
         is_union(annotation) and type(None) in typing.get_args(annotation)
     ):
         return None
-    if _wants_string(annotation):
-        return raw
     origin = typing.get_origin(annotation)
     wants_list = origin in (list, tuple) or (
         is_union(annotation)
         and any(typing.get_origin(a) in (list, tuple) for a in typing.get_args(annotation))
     )
+    if not raw.strip() and not wants_list:  # `--output-dir ''` would silently be the default
+        raise PairoptError(
+            f"{flag} is empty: give a value, or leave the flag out for the default"
+            + (
+                " (null for none)"
+                if is_union(annotation) and type(None) in typing.get_args(annotation)
+                else ""
+            )
+            + "."
+        )
+    if _wants_string(annotation):
+        return raw
     if wants_list and not raw.lstrip().startswith("["):
         return [part.strip() for part in raw.split(",") if part.strip()]
     try:

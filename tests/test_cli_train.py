@@ -146,6 +146,13 @@ BAD_INPUT = [
     pytest.param(
         ["--loss", "dpo", "--optim.lr"], ["--optim.lr needs a value"], id="flag-without-value"
     ),
+    pytest.param(["--loss"], ["--loss needs a value"], id="loss-without-value"),
+    pytest.param(
+        ["--loss", "dpo", "--loss-module"], ["--loss-module needs a value"], id="bare-loss-module"
+    ),
+    pytest.param(
+        ["--loss", "dpo", "--output-dir", ""], ["--output-dir is empty"], id="empty-output-dir"
+    ),
     pytest.param(
         ["--loss", "dpo", "--resume"],
         ["--resume with no value", "--output-dir RUN"],
