@@ -114,11 +114,14 @@ class BenchOptions:
 # ----------------------------------------------------------------------------- model and step
 
 
-def build_model(shape: ModelShape, device: str, dtype: torch.dtype, seed: int) -> nn.Module:
+def build_model(
+    shape: ModelShape, device: str, dtype: torch.dtype, seed: int, **config: Any
+) -> nn.Module:
+    """A randomly initialised Llama of `shape` under `seed`; `config`: more LlamaConfig fields."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    llama = LlamaConfig(
         hidden_size=shape.hidden,
         num_hidden_layers=shape.layers,
         num_attention_heads=shape.heads,
@@ -126,8 +129,9 @@ def build_model(shape: ModelShape, device: str, dtype: torch.dtype, seed: int) -
         intermediate_size=shape.intermediate,
         vocab_size=shape.vocab,
         max_position_embeddings=32768,
+        **config,
     )
-    model: nn.Module = LlamaForCausalLM(config)
+    model: nn.Module = LlamaForCausalLM(llama)
     return model.to(
         device=device, dtype=dtype
     ).train()  # Llama has no dropout: train mode passes check_dropout

@@ -186,11 +186,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from pairopt.bench import ModelShape
+    from pairopt.bench import ModelShape, build_model
     from pairopt.bench_checks import check_numbers, check_shape
 
     check_numbers(args)  # the options it shares with the bench, in the same ranges
-    check_shape(ModelShape(args.hidden, args.layers, args.heads, args.heads, vocab=args.vocab))
+    shape = ModelShape(
+        args.hidden, args.layers, args.heads, args.heads, args.intermediate, args.vocab
+    )
+    check_shape(shape)
     if args.vocab < 3:  # ids 0 and 1 are <pad> and </s>: words need at least one more
         raise PairoptError(f"--vocab must be >= 3 for the peer's word tokenizer, got {args.vocab}.")
     if not 0 <= args.jitter < 1:
@@ -201,8 +204,6 @@ def main(argv: list[str] | None = None) -> int:
         raise PairoptError(
             "the peer benchmark needs TRL: pip install 'pairopt[bench]' (or pip install trl)."
         ) from err
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from pairopt.bench import load_profiles
 
     if args.threads:
@@ -216,21 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def fresh_model() -> nn.Module:
-        torch.manual_seed(args.seed)
-        config = LlamaConfig(
-            hidden_size=args.hidden,
-            num_hidden_layers=args.layers,
-            num_attention_heads=args.heads,
-            num_key_value_heads=args.heads,
-            intermediate_size=args.intermediate,
-            vocab_size=args.vocab,
-            pad_token_id=PAD,
-            eos_token_id=EOS,
-            bos_token_id=None,
-            max_position_embeddings=8192,
-        )
-        model: nn.Module = LlamaForCausalLM(config)
-        return model.to(device).train()
+        tokens = {"pad_token_id": PAD, "eos_token_id": EOS, "bos_token_id": None}
+        return build_model(shape, device, torch.float32, args.seed, **tokens)
 
     trl_times = run_trl(fresh_model(), rows, args, clock)[args.warmup :]
     ours = run_pairopt(fresh_model(), rows, args, clock)[args.warmup :]
