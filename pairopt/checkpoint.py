@@ -17,9 +17,15 @@ from pairopt.run_log import flat_config
 
 # Settings that do not change what a resumed run computes: where it writes, what it prints.
 _NOT_TRAJECTORY = (
-    *("checkpoint.", "output.", "logging.", "eval."),
-    *("reference.cache_dir", "optim.cpu_threads", "model.gradient_checkpointing"),
-    *("engine.backend", "engine.chunk_size"),  # the same values up to rounding
+    "checkpoint.",
+    "output.",
+    "logging.",
+    "eval.",
+    "reference.cache_dir",
+    "optim.cpu_threads",
+    "model.gradient_checkpointing",
+    "engine.backend",  # backend and chunk size: the same values up to rounding
+    "engine.chunk_size",
 )
 
 

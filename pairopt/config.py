@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pairopt.data import DataConfig
 from pairopt.errors import PairoptError
+from pairopt.models import looks_like_path
 
 _SECTION = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -393,7 +394,7 @@ class TrainConfig(BaseModel):
             if importlib.util.find_spec("peft") is None:
                 raise ValueError("model.lora needs the peft package: pip install 'pairopt[lora]'")
         dataset = self.data.dataset
-        local = _looks_like_path(dataset) or dataset.endswith(_DATA_SUFFIXES)
+        local = looks_like_path(dataset) or dataset.endswith(_DATA_SUFFIXES)
         if local and not Path(dataset).expanduser().exists():
             raise ValueError(
                 f"data.dataset {dataset!r} does not exist (give an existing .json/.jsonl/.parquet/"
@@ -440,11 +441,6 @@ def _checked_model_source(value: str, *, tokenizer: bool) -> str:
     except PairoptError as err:
         raise ValueError(str(err)) from None
     return value
-
-
-def _looks_like_path(value: str) -> bool:
-    """Hub IDs are `org/name`; these can only be meant as local paths."""
-    return value.startswith(("/", "./", "../", "~", "."))
 
 
 def validate_config(data: dict[str, Any], sources: dict[str, str] | None = None) -> TrainConfig:

@@ -25,6 +25,11 @@ def resolve_path(name_or_path: str) -> str:
     return str(path) if path.exists() else name_or_path
 
 
+def looks_like_path(value: str) -> bool:
+    """Hub IDs are `org/name`; these can only be meant as local paths."""
+    return value.startswith(("/", "./", "../", "~", "."))
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -33,11 +38,8 @@ def check_model_source(name_or_path: str, *, tokenizer: bool = False) -> None:
 
     Raises PairoptError saying what is wrong with the path; `tokenizer`: it must hold one too.
     """
-    local = (
-        name_or_path.startswith(("builtin:", "/", "./", "../", "~"))
-        or Path(name_or_path).expanduser().exists()
-    )
-    if not local:
+    local = name_or_path.startswith("builtin:") or looks_like_path(name_or_path)
+    if not (local or Path(name_or_path).expanduser().exists()):
         return
     path = Path(resolve_path(name_or_path))
     if not path.exists():
