@@ -7,6 +7,8 @@ of ~40 in fp32 has an ulp of 4e-6, so reordered sums differ by that much), param
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -14,7 +16,8 @@ from hypothesis import strategies as st
 from tiny_models import FAMILIES, make_model, naive_logps, param_grads, random_groups
 
 import pairopt
-from pairopt.engine.forward import compute_response_logps
+from pairopt.engine.forward import compute_response_logps, forward_layout
+from pairopt.engine.layout import build_layout
 
 LOGP_TOL = dict(atol=1e-5, rtol=1e-6)
 GRAD_TOL = dict(atol=1e-4, rtol=0)
@@ -119,12 +122,52 @@ def test_padding_never_nan():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+# Tolerance in float64, per family: what the classic computation itself can deliver.
+# transformers' Gemma2 eager attention takes its softmax in float32 even for a float64 model
+# (`softmax(..., dtype=torch.float32)`), so both the naive forward and the engine round every
+# attention probability at float32's eps (1.2e-7); whether two differently shaped computations
+# land on the same side of a rounding boundary depends on the CPU's kernels (2.6e-8 was seen on
+# another machine, 7e-15 here). A mask or position error moves the sums by >= 1e-2
+# (`test_float64_tolerance_catches_mask_errors`), four orders of magnitude above.
+FLOAT64_ATOL = {"gemma2": 1e-6}
+FLOAT64_CASE = [(7, 8, 6), (8, 8, 9), (1, 1, 1)]
+
+
+def float64_run(family, corrupt=None):
+    """(engine, naive) log-probs in float64; `corrupt(layout)` may break the layout first."""
+    model = make_model(family, dtype=torch.float64)
+    groups = random_groups(FLOAT64_CASE, seed=11)
+    expected = naive_logps(model, groups)
+    layout = build_layout(groups, max_tokens_per_row=40, bucket_size=8)
+    if corrupt is not None:
+        layout = corrupt(layout)
+    got = forward_layout(model, layout, backend=CPU_BACKEND.get(family, "sdpa"))
+    return got.logps.double(), expected
+
+
 @pytest.mark.parametrize("family", ["gemma2", "mistral", "gpt2"])
 def test_float64_is_exact_to_rounding(family):
-    model = make_model(family, dtype=torch.float64)
-    groups = random_groups([(7, 8, 6), (8, 8, 9), (1, 1, 1)], seed=11)
-    expected = naive_logps(model, groups)
-    got = compute_response_logps(
-        model, groups, backend=CPU_BACKEND.get(family, "sdpa"), max_tokens_per_row=40, bucket_size=8
-    )
-    torch.testing.assert_close(got.logps.double(), expected, atol=1e-10, rtol=0)
+    got, expected = float64_run(family)
+    torch.testing.assert_close(got, expected, atol=FLOAT64_ATOL.get(family, 1e-10), rtol=0)
+
+
+def _rejected_sees_chosen(layout):
+    branch = layout.branch_ids.clone()
+    branch[branch == 2] = 1
+    return dataclasses.replace(layout, branch_ids=branch)
+
+
+def _rejected_positions_shifted(layout):
+    positions = layout.position_ids.clone()
+    positions[layout.branch_ids == 2] += 1
+    return dataclasses.replace(layout, position_ids=positions)
+
+
+@pytest.mark.parametrize("corrupt", [_rejected_sees_chosen, _rejected_positions_shifted])
+@pytest.mark.parametrize("family", ["gemma2", "mistral", "gpt2"])
+def test_float64_tolerance_catches_mask_errors(family, corrupt):
+    """The float64 tolerance is loose only where the reference rounds: a wrong mask (rejected
+    attends to chosen) or wrong positions (rejected not restarting after the prompt) is caught
+    with a thousandfold margin."""
+    got, expected = float64_run(family, corrupt)
+    assert (got - expected).abs().max().item() > 1000 * FLOAT64_ATOL.get(family, 1e-10)
