@@ -38,15 +38,17 @@ from typing import Any
 
 import torch
 
-from pairopt import bench
-from pairopt.bench_report import environment, format_table, write_chart
+from pairopt.bench import data as bench_data
+from pairopt.bench import model as bench_model
+from pairopt.bench import run as bench
+from pairopt.bench.report import environment, format_table, write_chart
 from pairopt.engine.forward import compute_logps
 
 BUDGET_S = 7 * 60  # leave a minute of the 8 for start-up and the last section's tail
 STARTED = time.perf_counter()
 # --smoke runs every section on the CPU with a tiny model: it checks the script, not the GPU
-DEVICE, SHAPE, DTYPE = "cuda", bench.GPU_SHAPE, torch.bfloat16
-SMOKE_SHAPE = bench.ModelShape(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, vocab=128)
+DEVICE, SHAPE, DTYPE = "cuda", bench_model.GPU_SHAPE, torch.bfloat16
+SMOKE_SHAPE = bench_model.ModelShape(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, vocab=128)
 
 
 def elapsed() -> float:
@@ -62,13 +64,13 @@ def log(msg: str) -> None:
 
 def exactness() -> dict[str, Any]:
     shape = dataclasses.replace(SHAPE, layers=min(4, SHAPE.layers))
-    model32 = bench.build_model(shape, DEVICE, torch.float32, seed=0)
+    model32 = bench_model.build_model(shape, DEVICE, torch.float32, seed=0)
     model16 = copy.deepcopy(model32).to(DTYPE)
-    profiles = bench.load_profiles()
+    profiles = bench_data.load_profiles()
     rng = random.Random(0)
-    lengths = bench.profile_lengths(profiles["hh_rlhf"], 3, 0.25, rng)
-    lengths += bench.profile_lengths(profiles["ultrafeedback"], 3, 0.25, rng)
-    (pairs,) = bench.make_batches(lengths, 6, shape.vocab, seed=0)
+    lengths = bench_data.profile_lengths(profiles["hh_rlhf"], 3, 0.25, rng)
+    lengths += bench_data.profile_lengths(profiles["ultrafeedback"], 3, 0.25, rng)
+    (pairs,) = bench_data.make_batches(lengths, 6, shape.vocab, seed=0)
     watched = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"]
     watched.append(f"model.layers.{shape.layers - 1}.mlp.down_proj.weight")
 
@@ -140,16 +142,16 @@ def bench_six(out: Path) -> dict[str, Any]:
     opts = bench.BenchOptions(pairs_per_step=8, steps=5, warmup=1)
     if DEVICE == "cpu":
         opts = dataclasses.replace(opts, pairs_per_step=2, steps=1)
-    profiles = bench.load_profiles()
-    model = bench.build_model(SHAPE, DEVICE, DTYPE, opts.seed)
+    profiles = bench_data.load_profiles()
+    model = bench_model.build_model(SHAPE, DEVICE, DTYPE, opts.seed)
     results = []
     n = (opts.warmup + opts.steps) * opts.pairs_per_step
     for i, (name, profile) in enumerate(profiles.items()):
         if elapsed() > BUDGET_S - 60:
             log(f"bench: time budget reached, {name} and later profiles skipped")
             break
-        lengths = bench.profile_lengths(profile, n, opts.jitter, random.Random(opts.seed + i))
-        batches = bench.make_batches(lengths, opts.pairs_per_step, SHAPE.vocab, opts.seed + i)
+        lengths = bench_data.profile_lengths(profile, n, opts.jitter, random.Random(opts.seed + i))
+        batches = bench_data.make_batches(lengths, opts.pairs_per_step, SHAPE.vocab, opts.seed + i)
         results.append(bench.run_profile(name, model, batches, opts, log))
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
@@ -182,8 +184,8 @@ def _auto_name(model: Any) -> str:
 
 
 def backends(out: Path) -> dict[str, Any]:
-    model = bench.build_model(SHAPE, DEVICE, DTYPE, 0)
-    profiles = bench.load_profiles()
+    model = bench_model.build_model(SHAPE, DEVICE, DTYPE, 0)
+    profiles = bench_data.load_profiles()
     rows: dict[str, Any] = {}
     for name in ("capybara", "hh_rlhf"):
         for backend in ("varlen", "flex") if DEVICE == "cuda" else ("varlen", "sdpa"):
@@ -202,8 +204,8 @@ def backends(out: Path) -> dict[str, Any]:
             if DEVICE == "cpu":
                 opts = dataclasses.replace(opts, pairs_per_step=2, steps=1)
             n = opts.pairs_per_step * (opts.steps + opts.warmup)
-            lengths = bench.profile_lengths(profiles[name], n, opts.jitter, random.Random(7))
-            batches = bench.make_batches(lengths, opts.pairs_per_step, SHAPE.vocab, 7)
+            lengths = bench_data.profile_lengths(profiles[name], n, opts.jitter, random.Random(7))
+            batches = bench_data.make_batches(lengths, opts.pairs_per_step, SHAPE.vocab, 7)
             key = f"{name}/{backend}"
             try:
                 res = bench.run_profile(key, model, batches, opts, log)

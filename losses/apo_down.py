@@ -5,12 +5,18 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from pairopt.loss import LossConfig, LossOutput, PairLoss, register_loss, reward_metrics
-from pairopt.pairs import PairLogps
+from pairopt.loss import (
+    LogRatios,
+    LossConfig,
+    LossOutput,
+    ReferencePairLoss,
+    register_loss,
+    reward_metrics,
+)
 
 
 @register_loss("apo_down")
-class APODown(PairLoss):
+class APODown(ReferencePairLoss):
     """APO-down: lower the chosen likelihood, and the rejected one by more.
 
     Paper: D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive
@@ -37,16 +43,13 @@ class APODown(PairLoss):
     summary = (
         "Anchored PO, down anchor: chosen likelihood down, rejected further (model beats chosen)"
     )
-    requires_reference = True
 
     class Config(LossConfig):
         beta: float = Field(0.1, gt=0, description="β: scales the implicit rewards")
 
     config: Config
 
-    def compute(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
-        assert reference is not None
-        chosen_N = self.config.beta * (policy.chosen_logps - reference.chosen_logps)
-        rejected_N = self.config.beta * (policy.rejected_logps - reference.rejected_logps)
+    def compute_ratios(self, ratios: LogRatios) -> LossOutput:
+        chosen_N, rejected_N = ratios.rewards(self.config.beta)
         losses_N = torch.sigmoid(chosen_N) + (1 - torch.sigmoid(chosen_N - rejected_N))
-        return LossOutput(losses_N, reward_metrics(policy, chosen_N, rejected_N))
+        return LossOutput(losses_N, reward_metrics(ratios.policy, chosen_N, rejected_N))

@@ -5,12 +5,18 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from pairopt.loss import LossConfig, LossOutput, PairLoss, register_loss, reward_metrics
-from pairopt.pairs import PairLogps
+from pairopt.loss import (
+    LogRatios,
+    LossConfig,
+    LossOutput,
+    ReferencePairLoss,
+    register_loss,
+    reward_metrics,
+)
 
 
 @register_loss("apo_zero")
-class APOZero(PairLoss):
+class APOZero(ReferencePairLoss):
     """APO-zero: raise the chosen likelihood and lower the rejected one, each against the reference.
 
     Paper: D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive
@@ -37,16 +43,13 @@ class APOZero(PairLoss):
     summary = (
         "Anchored PO, zero anchor: chosen likelihood up, rejected down (chosen beats the model)"
     )
-    requires_reference = True
 
     class Config(LossConfig):
         beta: float = Field(0.1, gt=0, description="β: scales the implicit rewards")
 
     config: Config
 
-    def compute(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
-        assert reference is not None
-        chosen_N = self.config.beta * (policy.chosen_logps - reference.chosen_logps)
-        rejected_N = self.config.beta * (policy.rejected_logps - reference.rejected_logps)
+    def compute_ratios(self, ratios: LogRatios) -> LossOutput:
+        chosen_N, rejected_N = ratios.rewards(self.config.beta)
         losses_N = (1 - torch.sigmoid(chosen_N)) + torch.sigmoid(rejected_N)
-        return LossOutput(losses_N, reward_metrics(policy, chosen_N, rejected_N))
+        return LossOutput(losses_N, reward_metrics(ratios.policy, chosen_N, rejected_N))

@@ -7,12 +7,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field
 
-from pairopt.loss import LossConfig, LossOutput, PairLoss, register_loss, reward_metrics
-from pairopt.pairs import PairLogps
+from pairopt.loss import (
+    LogRatios,
+    LossConfig,
+    LossOutput,
+    ReferencePairLoss,
+    register_loss,
+    reward_metrics,
+)
 
 
 @register_loss("bco_pair")
-class BCOPair(PairLoss):
+class BCOPair(ReferencePairLoss):
     """BCO for pairs: classify chosen as +1 and rejected as −1, around a running reward shift δ.
 
     Paper: Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment",
@@ -46,7 +52,6 @@ class BCOPair(PairLoss):
     summary = (
         "Binary Classifier Optimisation: logistic loss on each reward around a running shift δ"
     )
-    requires_reference = True
 
     class Config(LossConfig):
         beta: float = Field(0.1, gt=0, description="β: scales the implicit rewards")
@@ -69,14 +74,12 @@ class BCOPair(PairLoss):
         self.num_batches += 1
         self.reward_shift += (batch_mean - self.reward_shift) / self.num_batches
 
-    def compute(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
-        assert reference is not None
-        chosen_N = self.config.beta * (policy.chosen_logps - reference.chosen_logps)
-        rejected_N = self.config.beta * (policy.rejected_logps - reference.rejected_logps)
+    def compute_ratios(self, ratios: LogRatios) -> LossOutput:
+        chosen_N, rejected_N = ratios.rewards(self.config.beta)
         if self.training and torch.is_grad_enabled():
             self._update_shift(torch.cat([chosen_N, rejected_N]).mean())  # (2N,) -> ()
         delta = self.reward_shift.to(chosen_N)
         losses_N = -F.logsigmoid(chosen_N - delta) - F.logsigmoid(-(rejected_N - delta))
-        metrics = reward_metrics(policy, chosen_N, rejected_N)
+        metrics = reward_metrics(ratios.policy, chosen_N, rejected_N)
         metrics["delta"] = delta.detach().clone()
         return LossOutput(losses_N, metrics)

@@ -6,15 +6,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from pairopt.loss import (
-    LossConfig,
-    LossOutput,
-    PairLoss,
-    reference_rewards,
-    register_loss,
-    reward_metrics,
-)
-from pairopt.pairs import PairLogps
+from pairopt.loss import LogRatios, LossConfig, LossOutput, ReferencePairLoss, register_loss
 
 
 def dpo_losses(beta: float, label_smoothing: float, margin_N: torch.Tensor) -> torch.Tensor:
@@ -26,7 +18,7 @@ def dpo_losses(beta: float, label_smoothing: float, margin_N: torch.Tensor) -> t
 
 
 @register_loss("dpo")
-class DPO(PairLoss):
+class DPO(ReferencePairLoss):
     """Direct Preference Optimization; label smoothing ε > 0 gives conservative DPO (cDPO).
 
     Paper: Rafailov et al. 2023, https://arxiv.org/abs/2305.18290 ; cDPO: Mitchell 2023,
@@ -53,7 +45,6 @@ class DPO(PairLoss):
     """
 
     summary = "Direct Preference Optimization; label_smoothing > 0 gives conservative DPO (cDPO)"
-    requires_reference = True
 
     class Config(LossConfig):
         beta: float = Field(
@@ -68,13 +59,6 @@ class DPO(PairLoss):
 
     config: Config
 
-    def compute(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
-        assert reference is not None
-        margin_N = (policy.chosen_logps - reference.chosen_logps) - (
-            policy.rejected_logps - reference.rejected_logps
-        )
-        losses_N = dpo_losses(self.config.beta, self.config.label_smoothing, margin_N)
-        return LossOutput(
-            losses_N,
-            reward_metrics(policy, *reference_rewards(self.config.beta, policy, reference)),
-        )
+    def compute_ratios(self, ratios: LogRatios) -> LossOutput:
+        losses_N = dpo_losses(self.config.beta, self.config.label_smoothing, ratios.margin)
+        return LossOutput(losses_N, ratios.metrics(self.config.beta))

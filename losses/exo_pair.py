@@ -8,19 +8,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from pairopt.loss import (
-    LossConfig,
-    LossOutput,
-    PairLoss,
-    reference_rewards,
-    register_loss,
-    reward_metrics,
-)
-from pairopt.pairs import PairLogps
+from pairopt.loss import LogRatios, LossConfig, LossOutput, ReferencePairLoss, register_loss
 
 
 @register_loss("exo_pair")
-class EXOPair(PairLoss):
+class EXOPair(ReferencePairLoss):
     """EXO for pairs: reverse KL from the policy's pair preference to a smoothed label.
 
     Paper: Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment",
@@ -48,7 +40,6 @@ class EXOPair(PairLoss):
     """
 
     summary = "EXO: reverse KL between the policy's pair preference and a smoothed label"
-    requires_reference = True
 
     class Config(LossConfig):
         beta: float = Field(0.1, gt=0, description="β: temperature on the log-ratio margin")
@@ -58,16 +49,11 @@ class EXOPair(PairLoss):
 
     config: Config
 
-    def compute(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
-        assert reference is not None
+    def compute_ratios(self, ratios: LogRatios) -> LossOutput:
         beta, eps = self.config.beta, self.config.label_smoothing
-        margin_N = (policy.chosen_logps - reference.chosen_logps) - (
-            policy.rejected_logps - reference.rejected_logps
-        )
-        logits_N = beta * margin_N
+        logits_N = beta * ratios.margin
         # σ(x)·logσ(x) stays finite for |x| large: logσ is computed stably, σ underflows to 0.
         losses_N = torch.sigmoid(logits_N) * (
             F.logsigmoid(logits_N) - math.log1p(-eps)
         ) + torch.sigmoid(-logits_N) * (F.logsigmoid(-logits_N) - math.log(eps))
-        rewards = reference_rewards(beta, policy, reference)
-        return LossOutput(losses_N, reward_metrics(policy, *rewards))
+        return LossOutput(losses_N, ratios.metrics(beta))

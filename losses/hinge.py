@@ -5,19 +5,11 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from pairopt.loss import (
-    LossConfig,
-    LossOutput,
-    PairLoss,
-    reference_rewards,
-    register_loss,
-    reward_metrics,
-)
-from pairopt.pairs import PairLogps
+from pairopt.loss import LogRatios, LossConfig, LossOutput, ReferencePairLoss, register_loss
 
 
 @register_loss("hinge")
-class Hinge(PairLoss):
+class Hinge(ReferencePairLoss):
     """Hinge loss on the reference-normalised margin, as in SLiC and RSO.
 
     Paper: Liu et al. 2023, "Statistical Rejection Sampling Improves Preference Optimization"
@@ -42,18 +34,12 @@ class Hinge(PairLoss):
     """
 
     summary = "Hinge loss max(0, 1 − βΔ) on the DPO margin (SLiC, RSO)"
-    requires_reference = True
 
     class Config(LossConfig):
         beta: float = Field(0.1, gt=0, description="β: pairs with margin Δ > 1/β add no loss")
 
     config: Config
 
-    def compute(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
-        assert reference is not None
-        margin_N = (policy.chosen_logps - reference.chosen_logps) - (
-            policy.rejected_logps - reference.rejected_logps
-        )
-        losses_N = torch.relu(1 - self.config.beta * margin_N)
-        rewards = reference_rewards(self.config.beta, policy, reference)
-        return LossOutput(losses_N, reward_metrics(policy, *rewards))
+    def compute_ratios(self, ratios: LogRatios) -> LossOutput:
+        losses_N = torch.relu(1 - self.config.beta * ratios.margin)
+        return LossOutput(losses_N, ratios.metrics(self.config.beta))

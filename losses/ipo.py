@@ -4,20 +4,11 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from pairopt.loss import (
-    LossConfig,
-    LossOutput,
-    PairLoss,
-    average_logps,
-    reference_rewards,
-    register_loss,
-    reward_metrics,
-)
-from pairopt.pairs import PairLogps
+from pairopt.loss import LogRatios, LossConfig, LossOutput, ReferencePairLoss, register_loss
 
 
 @register_loss("ipo")
-class IPO(PairLoss):
+class IPO(ReferencePairLoss):
     """Identity Preference Optimisation: regress the log-ratio margin onto 1/(2β).
 
     Paper: Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
@@ -46,7 +37,6 @@ class IPO(PairLoss):
     summary = (
         "Identity Preference Optimisation: squared loss pulling the per-token margin to 1/(2β)"
     )
-    requires_reference = True
 
     class Config(LossConfig):
         beta: float = Field(
@@ -55,12 +45,6 @@ class IPO(PairLoss):
 
     config: Config
 
-    def compute(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
-        assert reference is not None
-        # Per-token averages: the reference's counts equal the policy's (same response tokens).
-        avg_chosen_N, avg_rejected_N = average_logps(policy)
-        ref_chosen_N, ref_rejected_N = average_logps(reference)
-        margin_N = (avg_chosen_N - ref_chosen_N) - (avg_rejected_N - ref_rejected_N)
-        losses_N = (margin_N - 1 / (2 * self.config.beta)) ** 2
-        rewards = reference_rewards(self.config.beta, policy, reference)
-        return LossOutput(losses_N, reward_metrics(policy, *rewards))
+    def compute_ratios(self, ratios: LogRatios) -> LossOutput:
+        losses_N = (ratios.per_token_margin() - 1 / (2 * self.config.beta)) ** 2
+        return LossOutput(losses_N, ratios.metrics(self.config.beta))

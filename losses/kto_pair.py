@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from pairopt.loss import LossConfig, LossOutput, PairLoss, register_loss, reward_metrics
-from pairopt.pairs import PairLogps
+from pairopt.loss import LogRatios, LossConfig, LossOutput, ReferencePairLoss, register_loss
 
 
 @register_loss("kto_pair")
-class KTOPair(PairLoss):
+class KTOPair(ReferencePairLoss):
     """KTO on pairs: each response is judged against a batch estimate of the policy/reference KL.
 
     Paper: Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization",
@@ -42,23 +41,20 @@ class KTOPair(PairLoss):
     summary = (
         "KTO on pairs: prospect-theoretic loss against batch KL estimates (TRL's historic kto_pair)"
     )
-    requires_reference = True
 
     class Config(LossConfig):
         beta: float = Field(0.1, gt=0, description="β: scales the rewards and KL reference point")
 
     config: Config
 
-    def compute(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
-        assert reference is not None
+    def compute_ratios(self, ratios: LogRatios) -> LossOutput:
         beta = self.config.beta
-        chosen_N = policy.chosen_logps - reference.chosen_logps
-        rejected_N = policy.rejected_logps - reference.rejected_logps
+        chosen_N, rejected_N = ratios.chosen, ratios.rejected
         kl_chosen = chosen_N.mean().clamp(min=0)  # () batch estimate, not detached (as TRL)
         kl_rejected = rejected_N.mean().clamp(min=0)
         chosen_losses_N = 1 - torch.sigmoid(beta * (chosen_N - kl_rejected))
         rejected_losses_N = 1 - torch.sigmoid(beta * (kl_chosen - rejected_N))
         losses_N = 0.5 * (chosen_losses_N + rejected_losses_N)
-        metrics = reward_metrics(policy, beta * chosen_N, beta * rejected_N)
+        metrics = ratios.metrics(beta)
         metrics["kl"] = (0.5 * (kl_chosen + kl_rejected)).detach()
         return LossOutput(losses_N, metrics)

@@ -5,12 +5,18 @@ from __future__ import annotations
 import torch.nn.functional as F
 from pydantic import Field
 
-from pairopt.loss import LossConfig, LossOutput, PairLoss, register_loss, reward_metrics
-from pairopt.pairs import PairLogps
+from pairopt.loss import (
+    LogRatios,
+    LossConfig,
+    LossOutput,
+    ReferencePairLoss,
+    register_loss,
+    reward_metrics,
+)
 
 
 @register_loss("nca_pair")
-class NCAPair(PairLoss):
+class NCAPair(ReferencePairLoss):
     """NCA for pairs: raises the chosen reward in absolute terms, not only relative to rejected.
 
     Paper: Chen et al. 2024, "Noise Contrastive Alignment of Language Models with Explicit
@@ -35,20 +41,17 @@ class NCAPair(PairLoss):
     """
 
     summary = "Noise Contrastive Alignment: absolute reward targets for chosen and rejected"
-    requires_reference = True
 
     class Config(LossConfig):
         beta: float = Field(0.1, gt=0, description="β: scales the implicit rewards")
 
     config: Config
 
-    def compute(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
-        assert reference is not None
-        chosen_N = self.config.beta * (policy.chosen_logps - reference.chosen_logps)
-        rejected_N = self.config.beta * (policy.rejected_logps - reference.rejected_logps)
+    def compute_ratios(self, ratios: LogRatios) -> LossOutput:
+        chosen_N, rejected_N = ratios.rewards(self.config.beta)
         losses_N = (
             -F.logsigmoid(chosen_N)
             - 0.5 * F.logsigmoid(-chosen_N)
             - 0.5 * F.logsigmoid(-rejected_N)
         )
-        return LossOutput(losses_N, reward_metrics(policy, chosen_N, rejected_N))
+        return LossOutput(losses_N, reward_metrics(ratios.policy, chosen_N, rejected_N))

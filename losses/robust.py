@@ -5,19 +5,11 @@ from __future__ import annotations
 import torch.nn.functional as F
 from pydantic import Field
 
-from pairopt.loss import (
-    LossConfig,
-    LossOutput,
-    PairLoss,
-    reference_rewards,
-    register_loss,
-    reward_metrics,
-)
-from pairopt.pairs import PairLogps
+from pairopt.loss import LogRatios, LossConfig, LossOutput, ReferencePairLoss, register_loss
 
 
 @register_loss("robust")
-class Robust(PairLoss):
+class Robust(ReferencePairLoss):
     """Robust DPO (rDPO): DPO de-biased for preference labels flipped with probability ε.
 
     Paper: Chowdhury et al. 2024, "Provably Robust DPO: Aligning Language Models with Noisy
@@ -45,7 +37,6 @@ class Robust(PairLoss):
     """
 
     summary = "Robust DPO: DPO de-biased for labels flipped with probability ε"
-    requires_reference = True
 
     class Config(LossConfig):
         beta: float = Field(0.1, gt=0, description="β: temperature on the log-ratio margin")
@@ -58,14 +49,10 @@ class Robust(PairLoss):
 
     config: Config
 
-    def compute(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
-        assert reference is not None
+    def compute_ratios(self, ratios: LogRatios) -> LossOutput:
         beta, eps = self.config.beta, self.config.label_smoothing
-        margin_N = (policy.chosen_logps - reference.chosen_logps) - (
-            policy.rejected_logps - reference.rejected_logps
-        )
+        margin_N = ratios.margin
         clean_N = -(1 - eps) * F.logsigmoid(beta * margin_N)
         flipped_N = -eps * F.logsigmoid(-beta * margin_N)
         losses_N = (clean_N - flipped_N) / (1 - 2 * eps)
-        rewards = reference_rewards(beta, policy, reference)
-        return LossOutput(losses_N, reward_metrics(policy, *rewards))
+        return LossOutput(losses_N, ratios.metrics(beta))

@@ -6,19 +6,17 @@ from pydantic import Field
 
 from losses.dpo import dpo_losses
 from pairopt.loss import (
+    LogRatios,
     LossConfig,
     LossOutput,
-    PairLoss,
+    ReferencePairLoss,
     average_logps,
-    reference_rewards,
     register_loss,
-    reward_metrics,
 )
-from pairopt.pairs import PairLogps
 
 
 @register_loss("rpo")
-class RPO(PairLoss):
+class RPO(ReferencePairLoss):
     """RPO: the DPO loss plus α × the per-token NLL of the chosen response.
 
     Paper: Pang et al. 2024, "Iterative Reasoning Preference Optimization",
@@ -45,7 +43,6 @@ class RPO(PairLoss):
     """
 
     summary = "RPO: DPO plus α × per-token NLL on the chosen response"
-    requires_reference = True
 
     class Config(LossConfig):
         beta: float = Field(0.1, gt=0, description="β: temperature on the log-ratio margin")
@@ -56,15 +53,11 @@ class RPO(PairLoss):
 
     config: Config
 
-    def compute(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
-        assert reference is not None
-        margin_N = (policy.chosen_logps - reference.chosen_logps) - (
-            policy.rejected_logps - reference.rejected_logps
-        )
-        avg_chosen_N, _ = average_logps(policy)
+    def compute_ratios(self, ratios: LogRatios) -> LossOutput:
+        avg_chosen_N, _ = average_logps(ratios.policy)
         nll_N = -avg_chosen_N
-        dpo_N = dpo_losses(self.config.beta, self.config.label_smoothing, margin_N)
+        dpo_N = dpo_losses(self.config.beta, self.config.label_smoothing, ratios.margin)
         losses_N = dpo_N + self.config.alpha * nll_N
-        metrics = reward_metrics(policy, *reference_rewards(self.config.beta, policy, reference))
+        metrics = ratios.metrics(self.config.beta)
         metrics["nll_loss"] = nll_N.detach().mean()
         return LossOutput(losses_N, metrics)

@@ -5,20 +5,11 @@ from __future__ import annotations
 import torch.nn.functional as F
 from pydantic import Field
 
-from pairopt.loss import (
-    LossConfig,
-    LossOutput,
-    PairLoss,
-    average_logps,
-    reference_rewards,
-    register_loss,
-    reward_metrics,
-)
-from pairopt.pairs import PairLogps
+from pairopt.loss import LogRatios, LossConfig, LossOutput, ReferencePairLoss, register_loss
 
 
 @register_loss("sigmoid_norm")
-class SigmoidNorm(PairLoss):
+class SigmoidNorm(ReferencePairLoss):
     """Length-normalised DPO: the DPO loss on per-token averaged log-ratios.
 
     Paper: Meng et al. 2024 (SimPO), https://arxiv.org/abs/2405.14734 , introduced the length
@@ -45,7 +36,6 @@ class SigmoidNorm(PairLoss):
     """
 
     summary = "Length-normalised DPO: DPO on per-token averaged log-ratios (Tülu 3)"
-    requires_reference = True
 
     class Config(LossConfig):
         beta: float = Field(
@@ -54,11 +44,6 @@ class SigmoidNorm(PairLoss):
 
     config: Config
 
-    def compute(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
-        assert reference is not None
-        avg_chosen_N, avg_rejected_N = average_logps(policy)
-        ref_chosen_N, ref_rejected_N = average_logps(reference)
-        margin_N = (avg_chosen_N - ref_chosen_N) - (avg_rejected_N - ref_rejected_N)
-        losses_N = -F.logsigmoid(self.config.beta * margin_N)
-        rewards = reference_rewards(self.config.beta, policy, reference)
-        return LossOutput(losses_N, reward_metrics(policy, *rewards))
+    def compute_ratios(self, ratios: LogRatios) -> LossOutput:
+        losses_N = -F.logsigmoid(self.config.beta * ratios.per_token_margin())
+        return LossOutput(losses_N, ratios.metrics(self.config.beta))

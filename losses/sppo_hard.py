@@ -4,19 +4,11 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from pairopt.loss import (
-    LossConfig,
-    LossOutput,
-    PairLoss,
-    reference_rewards,
-    register_loss,
-    reward_metrics,
-)
-from pairopt.pairs import PairLogps
+from pairopt.loss import LogRatios, LossConfig, LossOutput, ReferencePairLoss, register_loss
 
 
 @register_loss("sppo_hard")
-class SPPOHard(PairLoss):
+class SPPOHard(ReferencePairLoss):
     """SPPO with hard labels: regress each log-ratio onto ±1/(2β).
 
     Paper: Wu et al. 2024, "Self-Play Preference Optimization for Language Model Alignment",
@@ -42,7 +34,6 @@ class SPPOHard(PairLoss):
     """
 
     summary = "SPPO, hard labels: squared loss pulling log-ratios to ±1/(2β)"
-    requires_reference = True
 
     class Config(LossConfig):
         beta: float = Field(
@@ -51,11 +42,7 @@ class SPPOHard(PairLoss):
 
     config: Config
 
-    def compute(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
-        assert reference is not None
+    def compute_ratios(self, ratios: LogRatios) -> LossOutput:
         target = 0.5 / self.config.beta
-        chosen_N = policy.chosen_logps - reference.chosen_logps
-        rejected_N = policy.rejected_logps - reference.rejected_logps
-        losses_N = (chosen_N - target) ** 2 + (rejected_N + target) ** 2
-        rewards = reference_rewards(self.config.beta, policy, reference)
-        return LossOutput(losses_N, reward_metrics(policy, *rewards))
+        losses_N = (ratios.chosen - target) ** 2 + (ratios.rejected + target) ** 2
+        return LossOutput(losses_N, ratios.metrics(self.config.beta))

@@ -1,7 +1,15 @@
 """pairopt: preference fine-tuning on paired data with an exact prefix-shared forward.
 
-Importing pairopt is light: it loads torch and nothing else until a name is used, so the
-engine runs where pydantic or datasets are absent (the loss registry and the trainer need them).
+Importing pairopt is light: it loads nothing until a name is used, so the engine runs where
+pydantic or datasets are absent (the loss registry and the trainer need them).
+
+    pairopt.compute_logps(model, pairs)           the engine (pairopt/engine/)
+    pairopt.register_loss, pairopt.build_loss      the loss registry (pairopt/loss/)
+    pairopt.train(config) -> TrainResult           training (pairopt/training/)
+
+The layers, bottom up: pairs.py, errors.py, sources.py (types) <- engine/ <- loss/ and the
+top-level losses/ plugins <- data/ <- training/ <- verify.py, bench/ <- cli.py
+(docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -22,22 +30,32 @@ _EXPORTS = {
     "compute_logps": "pairopt.engine.forward",
     "compute_response_logps": "pairopt.engine.forward",
     "disable_dropout": "pairopt.engine.compat",
-    "PairLoss": "pairopt.loss",
-    "LossOutput": "pairopt.loss",
-    "register_loss": "pairopt.loss",
-    "build_loss": "pairopt.loss",
-    "available_losses": "pairopt.loss",
-    "get_loss_class": "pairopt.loss",
+    "PairLoss": "pairopt.loss.base",
+    "ReferencePairLoss": "pairopt.loss.base",
+    "LogRatios": "pairopt.loss.base",
+    "LossOutput": "pairopt.loss.base",
+    "register_loss": "pairopt.loss.registry",
+    "build_loss": "pairopt.loss.registry",
+    "available_losses": "pairopt.loss.registry",
+    "get_loss_class": "pairopt.loss.registry",
+    "train": "pairopt.training.trainer",
+    "TrainResult": "pairopt.training.trainer",
+    "TrainConfig": "pairopt.training.config",
+    "load_config": "pairopt.training.config_load",
 }
 
 __all__ = [
+    "LogRatios",
     "LossOutput",
     "PairLogps",
     "PairLoss",
     "PairoptError",
     "PreferencePair",
+    "ReferencePairLoss",
     "ResponseGroup",
     "ResponseLogps",
+    "TrainConfig",
+    "TrainResult",
     "UnsupportedModelError",
     "available_losses",
     "build_loss",
@@ -45,22 +63,21 @@ __all__ = [
     "compute_response_logps",
     "disable_dropout",
     "get_loss_class",
+    "load_config",
     "register_loss",
+    "train",
 ]
 
 if TYPE_CHECKING:
     from pairopt.engine.compat import disable_dropout
     from pairopt.engine.forward import compute_logps, compute_response_logps
     from pairopt.errors import PairoptError, UnsupportedModelError
-    from pairopt.loss import (
-        LossOutput,
-        PairLoss,
-        available_losses,
-        build_loss,
-        get_loss_class,
-        register_loss,
-    )
+    from pairopt.loss.base import LogRatios, LossOutput, PairLoss, ReferencePairLoss
+    from pairopt.loss.registry import available_losses, build_loss, get_loss_class, register_loss
     from pairopt.pairs import PairLogps, PreferencePair, ResponseGroup, ResponseLogps
+    from pairopt.training.config import TrainConfig
+    from pairopt.training.config_load import load_config
+    from pairopt.training.trainer import TrainResult, train
 
 
 def __getattr__(name: str) -> Any:

@@ -12,10 +12,13 @@ import textwrap
 
 # command -> (module with main(argv), one-line summary)
 COMMANDS = {
-    "train": ("pairopt.trainer", "train a model on preference pairs (pairopt train --loss dpo)"),
-    "losses": ("pairopt.loss_table", "list the registered losses, their parameters and needs"),
+    "train": (
+        "pairopt.training.trainer",
+        "train a model on preference pairs (pairopt train --loss dpo)",
+    ),
+    "losses": ("pairopt.loss.table", "list the registered losses, their parameters and needs"),
     "verify": ("pairopt.verify", "check that the shared forward is exact for a model"),
-    "bench": ("pairopt.bench", "benchmark shared vs unshared, padded vs packed, side by side"),
+    "bench": ("pairopt.bench.cli", "benchmark shared vs unshared, padded vs packed, side by side"),
 }
 
 USAGE = "usage: pairopt COMMAND [options]   (pairopt COMMAND --help for a command's options)"

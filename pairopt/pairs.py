@@ -1,7 +1,8 @@
 """Token-level preference data in, per-response log-probabilities out.
 
 These are the engine's input and output types; losses consume `PairLogps` and never know how
-it was computed (shared or unshared, which backend).
+it was computed (shared or unshared, which backend). The token counts of a group's two layouts
+are defined here once (`shared_length`, `unshared_length`, `row_need`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+
+def shared_length(prompt: int, responses: Sequence[int]) -> int:
+    """Tokens of a group in the shared layout, one segment: P + n_1 + ... + n_k."""
+    return prompt + sum(responses)
+
+
+def unshared_length(prompt: int, responses: Sequence[int]) -> int:
+    """Tokens of a group in the unshared (classic) layout, k segments: k·P + n_1 + ... + n_k."""
+    return len(responses) * prompt + sum(responses)
+
+
+def row_need(prompt: int, responses: Sequence[int], share_prefix: bool) -> int:
+    """The fewest tokens one row must hold for a group: its shared segment, or (unshared) the
+    prompt with its longest response. A packed row budget below this cannot hold the group."""
+    return shared_length(prompt, responses) if share_prefix else prompt + max(responses)
 
 
 @dataclass(frozen=True)
@@ -26,6 +43,10 @@ class PreferencePair:
 
     def as_group(self) -> ResponseGroup:
         return ResponseGroup(prompt=self.prompt, responses=(self.chosen, self.rejected))
+
+    def lengths(self) -> tuple[int, list[int]]:
+        """(P, [C, R]): the arguments of `shared_length`, `unshared_length` and `row_need`."""
+        return len(self.prompt), [len(self.chosen), len(self.rejected)]
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pairopt.bench_checks import check_flex_device, resolve_device
 from pairopt.engine.attention import BACKENDS, resolve_backend
 from pairopt.engine.compat import check_shareable
+from pairopt.engine.devices import check_flex_device, resolve_device
 from pairopt.engine.forward import compute_response_logps
 from pairopt.errors import PairoptError
-from pairopt.models import load_causal_lm
 from pairopt.pairs import ResponseGroup
+from pairopt.training.models import load_causal_lm
 
 # (atol, rtol) per dtype: fp32 sums of ~100 log-probs carry ~1e-5 of rounding; half precision
 # kernels accumulate differently (block order, fused softmax), ~1% of a summed log-prob.

@@ -21,7 +21,7 @@ torch.set_num_threads(1)
 @pytest.fixture
 def registry():
     """Whatever a test registers is gone afterwards, so tests do not leak losses into each other."""
-    import pairopt.loss as loss_registry
+    import pairopt.loss.registry as loss_registry
 
     loss_registry.available_losses()  # built-ins loaded before the snapshot
     saved = dict(loss_registry._REGISTRY)

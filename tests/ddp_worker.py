@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from train_fixtures import params, tiny_config
 
-from pairopt.trainer import train
+from pairopt.training.trainer import train
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pairopt import bench
-from pairopt.bench_measure import memory_sweep
+from pairopt.bench import cli as bench_cli
+from pairopt.bench import data as bench_data
+from pairopt.bench import run as bench_run
+from pairopt.bench.measure import memory_sweep
 from pairopt.cli import main as cli_main
 from pairopt.pairs import PreferencePair
 
@@ -33,11 +35,11 @@ def tiny_profiles(tmp_path: Path) -> Path:
 def test_ideal_speedup_arithmetic():
     """P=4, C=2, R=2: unshared 2*4 + 2 + 2 = 12 tokens, shared 4 + 2 + 2 = 8: ideal 1.5."""
     pair = PreferencePair([1] * 4, [2] * 2, [3] * 2)
-    assert bench.ideal_speedup([pair, pair]) == pytest.approx(1.5)
+    assert bench_data.ideal_speedup([pair, pair]) == pytest.approx(1.5)
 
 
 def test_shipped_profiles_are_the_papers_six():
-    profiles = bench.load_profiles()
+    profiles = bench_data.load_profiles()
     assert sorted(profiles) == [
         "capybara",
         "hh_rlhf",
@@ -63,8 +65,8 @@ def test_bench_command_writes_json_table_and_png(tiny_profiles: Path, tmp_path: 
     assert [p["profile"] for p in report["profiles"]] == ["tiny", "tiny_long_answers"]
     for prof in report["profiles"]:
         modes = prof["modes"]
-        assert list(modes) == list(bench.MODES)
-        assert prof["best_baseline"] in bench.BASELINES
+        assert list(modes) == list(bench_run.MODES)
+        assert prof["best_baseline"] in bench_run.BASELINES
         # the same pairs in every mode: ideal from the measured pairs, around 12+5+5 vs 29
         assert 1.0 < prof["ideal_speedup"] < 2.0
         for m in modes.values():
@@ -91,7 +93,7 @@ def test_bench_on_a_jsonl_dataset(tmp_path: Path):
     out = tmp_path / "out"
     argv = ["--data", str(data), "--pairs-per-step", "2", "--steps", "2", "--warmup", "1"]
     argv += ["--modes", "unshared-packed,shared-packed", "--no-png", "--no-memory"]
-    assert bench.main([*argv, "--out", str(out), *TINY_MODEL]) == 0
+    assert bench_cli.main([*argv, "--out", str(out), *TINY_MODEL]) == 0
     report = json.loads((out / "bench.json").read_text())
     (prof,) = report["profiles"]
     assert prof["profile"] == "mine" and list(prof["modes"]) == ["unshared-packed", "shared-packed"]
@@ -114,8 +116,8 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was built for bad input")
 
-    monkeypatch.setattr(bench, "build_model", refuse)
-    monkeypatch.setattr("pairopt.bench_measure.memory_sweep", refuse)
+    monkeypatch.setattr(bench_run, "build_model", refuse)
+    monkeypatch.setattr("pairopt.bench.cli.memory_sweep", refuse)
 
 
 def bench_error(capsys, argv: list[str], tmp_path: Path) -> str:

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pairopt.config import TrainConfig, load_config_file, validate_config
 from pairopt.errors import PairoptError
-from pairopt.flags import config_reference_markdown, help_text, parse_train_args
+from pairopt.training.config import TrainConfig
+from pairopt.training.config_load import load_config, validate_config
+from pairopt.training.flags import config_reference_markdown, help_text, parse_train_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,7 +124,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path: Path) -> None:
     )
     saved = tmp_path / "config.yaml"
     saved.write_text(cfg.to_yaml())
-    again = load_config_file(saved)
+    again = load_config(saved)
     assert again == cfg
     assert (
         yaml.safe_load(saved.read_text())["loss"]["name"] == "simpo"
@@ -185,7 +186,7 @@ def test_cross_field_rules() -> None:
 def _every_option(model: type, prefix: str = "") -> list[str]:
     from pydantic import BaseModel
 
-    from pairopt.config import LossSection, model_in
+    from pairopt.training.config import LossSection, model_in
 
     out = []
     for name, field in model.model_fields.items():  # type: ignore[attr-defined]
@@ -224,7 +225,7 @@ def test_example_configs_validate(example: Path) -> None:
         return
     if data.get("model", {}).get("lora") is not None:
         pytest.importorskip("peft")
-    cfg = load_config_file(example)
+    cfg = load_config(example)
     assert (
         cfg.model.name_or_path.startswith("Qwen/")
         and cfg.data.dataset == "trl-lib/ultrafeedback_binarized"
@@ -232,7 +233,7 @@ def test_example_configs_validate(example: Path) -> None:
 
 
 def test_tiny_run_preset_applies_only_to_the_shipped_model(tmp_path: Path) -> None:
-    from pairopt.flags import TINY_RUN_PRESET
+    from pairopt.training.config_load import TINY_RUN_PRESET
 
     tiny = parse_train_args(["--loss", "dpo"])
     assert (

@@ -18,16 +18,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from pairopt.data import (
-    DataConfig,
-    PreferenceData,
-    load_preference_data,
-    resolve_builtin,
-    rows_to_pairs,
-)
+from pairopt.data.config import DataConfig
+from pairopt.data.load import PreferenceData, load_preference_data, rows_to_pairs
+from pairopt.data.rows import RowTokenizer, split_common_prefix
 from pairopt.errors import PairoptError
 from pairopt.pairs import PreferencePair
-from pairopt.rows import RowTokenizer, split_common_prefix
+from pairopt.sources import resolve_builtin
 
 ROWS = [
     {

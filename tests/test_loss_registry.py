@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 import pairopt
-import pairopt.loss as loss_registry
+import pairopt.loss.registry as loss_registry
 from pairopt import PairLogps
 from pairopt.errors import PairoptError
 from pairopt.loss import LossConfig, reward_metrics

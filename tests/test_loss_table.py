@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-import pairopt.loss as loss_registry
-from pairopt import cli, loss_table
+import pairopt.loss.registry as loss_registry
+from pairopt import cli
 from pairopt.errors import PairoptError
 from pairopt.loss import available_losses, get_loss_class
+from pairopt.loss import table as loss_table
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,13 +7,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from pairopt.errors import PairoptError
-from pairopt.packing import (
+from pairopt.engine.packing import (
     TokenBudgetBatchSampler,
     pack_batches,
     packing_efficiency,
-    segment_length,
 )
+from pairopt.errors import PairoptError
+from pairopt.pairs import PreferencePair, row_need, shared_length, unshared_length
 
 
 def _check_partition(lengths: list[int], batches: list[list[int]], budget: int) -> None:
@@ -23,10 +23,14 @@ def _check_partition(lengths: list[int], batches: list[list[int]], budget: int) 
     assert all(b for b in batches), "no empty batch"
 
 
-def test_segment_length():
+def test_pair_lengths():
     # shared: P + C + R = 10 + 3 + 5; unshared: (P + C) + (P + R) = 13 + 15
-    assert segment_length(10, [3, 5], share_prefix=True) == 18
-    assert segment_length(10, [3, 5], share_prefix=False) == 28
+    assert shared_length(10, [3, 5]) == 18
+    assert unshared_length(10, [3, 5]) == 28
+    # a row must hold the shared segment, or the prompt with the longer response
+    assert row_need(10, [3, 5], share_prefix=True) == 18
+    assert row_need(10, [3, 5], share_prefix=False) == 15
+    assert PreferencePair([1] * 10, [2] * 3, [3] * 5).lengths() == (10, [3, 5])
 
 
 def test_known_case_packs_perfectly():

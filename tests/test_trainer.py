@@ -19,11 +19,11 @@ import torch
 from train_fixtures import make_tiny_model_dir, params, tiny_config
 from transformers import AutoModelForCausalLM
 
-from pairopt.checkpoint import changed_settings
 from pairopt.loss import available_losses, get_loss_class
-from pairopt.policy import load_model
-from pairopt.schedule import BatchPlan
-from pairopt.trainer import TrainResult, train
+from pairopt.training.checkpoint import changed_settings
+from pairopt.training.policy import load_model
+from pairopt.training.schedule import BatchPlan
+from pairopt.training.trainer import TrainResult, train
 
 # Losses whose Config has required fields, and a valid value for them (a new plugin with
 # required parameters must add itself here, or its test fails loudly).
@@ -50,7 +50,7 @@ def losses_of(result: TrainResult) -> torch.Tensor:
 def initial_params(model_dir: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
     """The weights a run starts from: the config built under the run's seed (0)."""
     cfg = tiny_config(model_dir, tmp_path / "unused")
-    return params(load_model(str(model_dir), cfg, seed=cfg.optim.seed))
+    return params(load_model(cfg.model, seed=cfg.optim.seed))
 
 
 @pytest.mark.parametrize("loss", available_losses())
@@ -142,8 +142,8 @@ def test_resume_continues_exactly(model_dir: Path, tmp_path: Path, capsys) -> No
     # Resuming with another length says what changed (the LR schedule follows the new one).
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     longer = tiny_config(model_dir, tmp_path / "longer", optim={**common["optim"], "max_steps": 6})
-    assert changed_settings(state, longer) == ["optim.max_steps: 4 -> 6"]
-    assert changed_settings({"step": 2}, longer) == []  # a checkpoint without a saved config
+    assert changed_settings(state, longer.flat()) == ["optim.max_steps: 4 -> 6"]
+    assert changed_settings({"step": 2}, longer.flat()) == []  # a checkpoint without a saved config
     resume = {"resume": str(checkpoint)}
     train(
         tiny_config(

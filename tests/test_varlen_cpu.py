@@ -15,15 +15,12 @@ import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from pairopt.engine.attention import (
-    auto_backend,
-    cpu_blocks_attention,
-    cpu_schedule,
-    varlen_emulation,
-)
+from pairopt.engine.attention import auto_backend
 from pairopt.engine.forward import compute_logps
 from pairopt.engine.layout import build_layout
 from pairopt.engine.masks import varlen_plan
+from pairopt.engine.varlen import varlen_emulation
+from pairopt.engine.varlen_cpu import cpu_blocks_attention, cpu_schedule
 from pairopt.pairs import PreferencePair, ResponseGroup
 
 # the emulation computes scores in fp32 whatever the input dtype: fp32-level agreement
@@ -50,9 +47,9 @@ def _llama(**kw):
 @pytest.mark.parametrize("fused", [True, False])
 def test_schedule_equals_emulation(share, k, packing, fused, monkeypatch):
     if not fused:
-        from pairopt.engine import attention
+        from pairopt.engine import varlen_cpu
 
-        monkeypatch.setattr(attention, "_flash_cpu_ops", lambda: None)
+        monkeypatch.setattr(varlen_cpu, "_flash_cpu_ops", lambda: None)
     rng = random.Random(k * 10 + share * 2 + packing)
     groups = [
         ResponseGroup([1] * rng.randint(1, 14), [[2] * rng.randint(1, 14) for _ in range(k)])
@@ -90,14 +87,14 @@ def test_schedule_choices(monkeypatch):
     two-part PromptOwnAttention; without torch's fused CPU ops it falls back to a square block
     keeping its own rows when the prompt is shorter (P=2, C=6: waste P^2/2 = 2 < Q^2/2 = 18),
     else to the explicit mask (P=9, C=2: waste Q^2/2 = 2 < P^2/2 = 40.5)."""
-    from pairopt.engine import attention
+    from pairopt.engine import varlen_cpu
 
     short = varlen_plan(build_layout([ResponseGroup([1, 1], [[2] * 6, [3] * 6])], bucket_size=1))
     long = varlen_plan(build_layout([ResponseGroup([1] * 9, [[2] * 2, [3] * 2])], bucket_size=1))
     s1, s2 = cpu_schedule(short), cpu_schedule(long)
     assert (s1.q_sizes, s1.k_sizes, s1.kind) == ([8, 6], [8, 8], ["causal", "split"])
     assert (s2.q_sizes, s2.k_sizes, s2.kind) == ([11, 2], [11, 11], ["causal", "split"])
-    monkeypatch.setattr(attention, "_flash_cpu_ops", lambda: None)
+    monkeypatch.setattr(varlen_cpu, "_flash_cpu_ops", lambda: None)
     s1, s2 = cpu_schedule(short), cpu_schedule(long)
     assert (s1.q_sizes, s1.keep, s1.kind) == ([8, 8], [8, 6], ["causal", "causal"])
     assert (s2.q_sizes, s2.kind) == ([11, 2], ["causal", "masked"])

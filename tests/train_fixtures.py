@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from pairopt.config import TrainConfig, validate_config
-from pairopt.data import resolve_builtin
+from pairopt.sources import resolve_builtin
+from pairopt.training.config import TrainConfig
+from pairopt.training.config_load import validate_config
 
 
 def make_tiny_model_dir(root: Path) -> Path:

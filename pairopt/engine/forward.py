@@ -20,7 +20,7 @@ from torch import nn
 from pairopt.engine.attention import model_inputs, resolve_backend, set_implementation
 from pairopt.engine.compat import check_dropout, check_shareable, unsupported_reason
 from pairopt.engine.layout import Layout, build_layout
-from pairopt.engine.logps import default_chunk_size, make_head, token_logps
+from pairopt.engine.logps import default_chunk_size, make_head, token_logps, vocab_size
 from pairopt.pairs import PairLogps, PreferencePair, ResponseGroup, ResponseLogps
 
 
@@ -44,7 +44,7 @@ def forward_layout(
     hidden_BLD = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     hidden_TD = hidden_BLD.reshape(-1, hidden_BLD.shape[-1])[layout.score_src]  # (T, D)
     if chunk_size is None:
-        chunk_size = default_chunk_size(model.get_output_embeddings().weight.shape[0])  # type: ignore[operator]
+        chunk_size = default_chunk_size(vocab_size(model))
     logps_T = token_logps(make_head(model), hidden_TD, layout.score_tgt, chunk_size)
     R = layout.num_groups * layout.k
     sums_R = logps_T.new_zeros(R).index_add(0, layout.score_owner, logps_T)

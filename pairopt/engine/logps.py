@@ -31,6 +31,22 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(1, LOGITS_BUDGET // max(1, vocab_size))
 
 
+def vocab_size(model: nn.Module) -> int:
+    """The vocabulary the LM head scores, from the model's config.
+
+    Not from the head's weight: under DeepSpeed ZeRO-3 outside a gathered forward that weight
+    is a partitioned placeholder of shape (0,), and under FSDP a shard; either would size the
+    chunks for the wrong vocabulary (a (0,) weight made the chunk the whole (T, V) logits).
+    The weight's shape is used only when the config names no vocabulary.
+    """
+    config: Any = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None)
+    if isinstance(vocab, int) and vocab > 0:
+        return vocab
+    return int(model.get_output_embeddings().weight.shape[0])  # type: ignore[operator]
+
+
 def make_head(model: nn.Module) -> Head:
     """hidden (T, D) -> logits (T, V) exactly as the model's own forward computes them."""
     lm_head = model.get_output_embeddings()  # type: ignore[operator]

@@ -4,7 +4,7 @@ Everything shown is read from the registry (each plugin's `summary`, `requires_r
 `Config` fields and docstring), so the CLI help and the docs cannot drift from the code. A test
 checks that docs/losses.md equals `render_markdown()`; regenerate it with
 
-    python -m pairopt.loss_table --markdown > docs/losses.md
+    python -m pairopt.loss.table --markdown > docs/losses.md
 """
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ import annotated_types
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from pairopt.loss import (
-    PairLoss,
+from pairopt.loss.base import PairLoss
+from pairopt.loss.registry import (
+    BUILTIN_PACKAGE,
     available_losses,
     get_loss_class,
     load_loss_module,
 )
-
-BUILTIN_PACKAGE = "losses"
 
 
 @dataclass(frozen=True)
@@ -129,7 +128,7 @@ def render_text(names: list[str], *, detail: bool = False) -> str:
 _INTRO = """\
 # Losses
 
-<!-- Generated from the loss registry by `python -m pairopt.loss_table --markdown > docs/losses.md`.
+<!-- Generated from the loss registry by `python -m pairopt.loss.table --markdown > docs/losses.md`.
      Do not edit by hand: tests/test_loss_table.py checks this file against the code. -->
 
 Every loss below is a plugin in `losses/` (one file each), registered under its name and loaded

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-
-from pairopt.config import TrainConfig
 
 
 def add_metric(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
@@ -40,13 +40,25 @@ class Printer:
 
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per line), accelerate trackers, and console lines."""
+    """metrics.jsonl (one JSON object per line), accelerate trackers, and console lines.
 
-    def __init__(self, path: Path, is_main: bool, accelerator: Any, *, truncate_after: int) -> None:
+    A context manager: the file is closed when the run ends, also by an error. Only the main
+    process (`write_file`) writes the file; `say` prints the console lines.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        write_file: bool,
+        accelerator: Any,
+        say: Printer,
+        *,
+        truncate_after: int,
+    ) -> None:
         self.accelerator = accelerator
-        self.is_main = is_main
+        self.say = say
         self.file = None
-        if is_main:
+        if write_file:
             kept = []
             if truncate_after > 0 and path.is_file():  # a resumed run replaces what came after
                 kept = [
@@ -62,14 +74,40 @@ class MetricsLog:
             self.file.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
             self.file.flush()
         self.accelerator.log({f"{split}/{key}": value for key, value in metrics.items()}, step=step)
-        if console and self.is_main:
+        if console:
             keys = ("loss", "rewards/accuracies", "rewards/margins", "lr", "tokens_per_s")
             shown = " | ".join(f"{_short(k)} {metrics[k]:.4g}" for k in keys if k in metrics)
-            Printer(True)(f"[{split} step {step}] {shown}")
+            self.say(f"[{split} step {step}] {shown}")
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+            self.file = None
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextmanager
+def trackers(
+    accelerator: Any, report_to: Sequence[str], name: str, config: dict[str, Any]
+) -> Iterator[None]:
+    """accelerate's trackers for the run, finished when it ends (also by an error).
+
+    Not `accelerator.end_training()`: that also destroys the process group, which the final
+    save still needs (and a second run in the same process too)."""
+    if not report_to:
+        yield
+        return
+    accelerator.init_trackers(name, config=config)
+    try:
+        yield
+    finally:
+        for tracker in accelerator.trackers:
+            tracker.finish()
 
 
 def _short(key: str) -> str:
@@ -78,12 +116,18 @@ def _short(key: str) -> str:
     )
 
 
-def progress_bar(cfg: TrainConfig, is_main: bool, total: int, initial: int) -> Any:
-    if not (is_main and cfg.logging.progress_bar):
-        return None
+def progress_bar(enabled: bool, total: int, initial: int) -> Any:
+    """The training bar (a context manager; disabled: a no-op with the same methods)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        disable=not enabled,
+    )
 
 
 def work_bar(enabled: bool, total: int, desc: str) -> Any:
@@ -97,12 +141,12 @@ def work_bar(enabled: bool, total: int, desc: str) -> Any:
 
 def print_summary(
     say: Printer,
-    cfg: TrainConfig,
+    loss: str,
     evals: list[dict[str, float]],
     steps: int,
     wall_s: float,
     pairs_per_s: float,
-    output: Path,
+    saved_to: Path | None,
 ) -> None:
     lines = [f"done: {steps} steps in {wall_s:.0f} s wall time, {pairs_per_s:.1f} train pairs/s"]
     if evals:
@@ -111,27 +155,29 @@ def print_summary(
         if accuracy is not None:
             lines.append(
                 f"held-out preference accuracy: {accuracy:.1%} of {int(final['pairs'])} eval pairs "
-                f"(chosen ranked above rejected by the {cfg.loss.name} implicit reward)"
+                f"(chosen ranked above rejected by the {loss} implicit reward)"
             )
         lines.append(f"eval loss: {final['loss']:.4f}")
-    if cfg.output.save_final:
+    if saved_to is not None:
         lines.append(
-            f"model and tokenizer saved to {output} (AutoModelForCausalLM.from_pretrained loads it)"
+            f"model and tokenizer saved to {saved_to} (AutoModelForCausalLM.from_pretrained loads it)"
         )
     for line in lines:
         say(line)
 
 
-def flat_config(cfg: TrainConfig) -> dict[str, Any]:
-    """Tracker hyper-parameters must be scalars: dotted keys, lists and None as strings."""
-    out: dict[str, Any] = {}
+@contextmanager
+def quiet_libraries(quiet: bool) -> Iterator[None]:
+    """With `quiet`, the progress bars of `datasets` (tokenising) are off for the run."""
+    if not quiet:
+        yield
+        return
+    from datasets.utils import logging as datasets_logging
 
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            out[prefix[:-1]] = node if isinstance(node, bool | int | float | str) else str(node)
-
-    walk(cfg.to_yaml_dict(), "")
-    return out
+    was_enabled = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets_logging.enable_progress_bar()

@@ -1,32 +1,33 @@
-"""The training configuration: pydantic sections, validation and readable errors.
+"""The training configuration: one pydantic section per component, and `TrainConfig` of them all.
 
 `TrainConfig` is composed of one section per concern (model, data, loss, engine, reference,
-optim, eval, logging, checkpoint, output). Every field is frozen, bounded and described; the
-descriptions are the `pairopt train --help` text and docs/configuration.md (written once).
+optim, eval, logging, checkpoint, output); each component takes its own section (the data layer
+a `DataConfig`, checkpointing a `CheckpointConfig`, ...) and only the trainer reads across them.
+Every field is frozen, bounded and described; the descriptions are the `pairopt train --help`
+text and docs/configuration.md (written once).
 
-YAML files and command-line flags are read by `pairopt/flags.py`. Loss parameters live flat in
-the loss section, beside its name (`loss: {name: dpo, beta: 0.2}`), and are validated by the
-plugin's own `Config`.
-
-Everything is checked here, before a model or dataset is loaded; a bad value becomes one
-`PairoptError` that names the field, the value, where it came from and what is allowed.
+Dicts and YAML files become a config in `config_load.py`, command-line flags in `flags.py`.
+Loss parameters live flat in the loss section, beside its name (`loss: {name: dpo, beta:
+0.2}`), and are validated by the plugin's own `Config`. Everything is checked here, before a
+model or dataset is loaded.
 """
 
 from __future__ import annotations
 
-import difflib
+import importlib.util
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
-import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pairopt.data import DataConfig
+from pairopt.data.config import DataConfig
 from pairopt.errors import PairoptError
-from pairopt.models import looks_like_path
+from pairopt.loss.registry import get_loss_class, load_loss_module, validate_params
+from pairopt.sources import looks_like_data_file
+from pairopt.training.models import check_model_source
 
 _SECTION = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -37,7 +38,7 @@ Tracker = Literal[
 TRACKERS: tuple[str, ...] = typing.get_args(Tracker)
 
 
-class LoraConfig(BaseModel):
+class LoraSection(BaseModel):
     """A PEFT LoRA adapter on the policy (needs the `lora` extra: pip install 'pairopt[lora]')."""
 
     model_config = _SECTION
@@ -80,7 +81,7 @@ class ModelConfig(BaseModel):
     trust_remote_code: bool = Field(
         default=False, description="Allow model code from the hub repository."
     )
-    lora: LoraConfig | None = Field(
+    lora: LoraSection | None = Field(
         default=None,
         description="Train a LoRA adapter instead of the full model (null = full fine-tuning).",
     )
@@ -125,8 +126,6 @@ class LossSection(BaseModel):
 
     @model_validator(mode="after")
     def _validate_params(self) -> LossSection:
-        from pairopt.loss import get_loss_class, load_loss_module, validate_params
-
         try:
             if self.module:
                 load_loss_module(self.module)
@@ -388,14 +387,10 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 "reference.name_or_path cannot be used with reference.strategy 'adapter'"
             )
-        if self.model.lora is not None:
-            import importlib.util
-
-            if importlib.util.find_spec("peft") is None:
-                raise ValueError("model.lora needs the peft package: pip install 'pairopt[lora]'")
+        if self.model.lora is not None and importlib.util.find_spec("peft") is None:
+            raise ValueError("model.lora needs the peft package: pip install 'pairopt[lora]'")
         dataset = self.data.dataset
-        local = looks_like_path(dataset) or dataset.endswith(_DATA_SUFFIXES)
-        if local and not Path(dataset).expanduser().exists():
+        if looks_like_data_file(dataset) and not Path(dataset).expanduser().exists():
             raise ValueError(
                 f"data.dataset {dataset!r} does not exist (give an existing .json/.jsonl/.parquet/"
                 ".csv file or folder, a hub dataset ID, or builtin:NAME)"
@@ -417,10 +412,23 @@ class TrainConfig(BaseModel):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_yaml_dict(), sort_keys=False)
 
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> scalars (lists and None as text): tracker hyper-parameters, and the
+        settings a checkpoint records to compare on resume."""
+        out: dict[str, Any] = {}
+
+        def walk(node: Any, prefix: str) -> None:
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    walk(value, f"{prefix}{key}.")
+            else:
+                out[prefix[:-1]] = node if isinstance(node, bool | int | float | str) else str(node)
+
+        walk(self.to_yaml_dict(), "")
+        return out
+
 
 def _tracker_available(name: str) -> bool:
-    import importlib.util
-
     module = {"comet_ml": "comet_ml", "tensorboard": "tensorboard"}.get(name, name)
     if name == "tensorboard":
         return (
@@ -430,62 +438,12 @@ def _tracker_available(name: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
-
-
 def _checked_model_source(value: str, *, tokenizer: bool) -> str:
-    from pairopt.models import check_model_source
-
     try:
         check_model_source(value, tokenizer=tokenizer)
     except PairoptError as err:
         raise ValueError(str(err)) from None
     return value
-
-
-def validate_config(data: dict[str, Any], sources: dict[str, str] | None = None) -> TrainConfig:
-    """dict -> TrainConfig, with pydantic's errors as one PairoptError naming field, value, source."""
-    try:
-        return TrainConfig.model_validate(data)
-    except pydantic.ValidationError as err:
-        raise PairoptError(_describe(err, sources or {})) from None
-
-
-def load_config_file(path: str | Path, **overrides: Any) -> TrainConfig:
-    """A YAML file (plus keyword overrides per section, e.g. optim={"lr": 1e-5}) -> TrainConfig."""
-    data = read_yaml(Path(path))
-    for section, values in overrides.items():
-        data.setdefault(section, {}).update(values)
-    return validate_config(data, dict.fromkeys(flat_keys(data), str(path)))
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise PairoptError(f"config file {str(path)!r} does not exist")
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise PairoptError(f"config file {str(path)!r} is not valid YAML: {err}") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise PairoptError(
-            f"config file {str(path)!r} must hold a mapping of sections (model:, loss:, optim:, ...), "
-            f"got a {type(loaded).__name__}"
-        )
-    if isinstance(loaded.get("loss"), str):  # `loss: dpo` is short for `loss: {name: dpo}`
-        loaded["loss"] = {"name": loaded["loss"]}
-    return loaded
-
-
-def flat_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        keys.append(dotted)
-        if isinstance(value, dict):
-            keys += flat_keys(value, dotted + ".")
-    return keys
 
 
 def model_in(annotation: Any) -> type[BaseModel] | None:
@@ -498,69 +456,3 @@ def model_in(annotation: Any) -> type[BaseModel] | None:
 
 def is_union(annotation: Any) -> bool:
     return typing.get_origin(annotation) in (typing.Union, types.UnionType)
-
-
-def _describe(err: pydantic.ValidationError, sources: dict[str, str]) -> str:
-    problems = []
-    for error in err.errors():
-        loc = [str(part) for part in error["loc"]]
-        # A plugin's or a cross-section rule's message is already complete.
-        msg = str(error["msg"]).removeprefix("Value error, ")
-        key = ".".join(loc)
-        source = _source_of(key, sources)
-        where = f" (from {source})" if source else ""
-        if error["type"] == "extra_forbidden":
-            section = ".".join(loc[:-1])
-            model = _section_model(loc[:-1])
-            valid = ", ".join(model.model_fields) if model is not None else ""
-            close = difflib.get_close_matches(
-                loc[-1], list(model.model_fields) if model else [], n=2
-            )
-            prefix = f"{section}." if section else ""
-            hint = f" Did you mean {' or '.join(prefix + c for c in close)}?" if close else ""
-            problems.append(
-                f"unknown key {key!r}{where}; {section or 'the top level'} takes: {valid}.{hint}"
-            )
-        elif error["type"] == "missing":
-            problems.append(f"{key} is required{where}")
-        elif error["type"] == "value_error" and len(loc) <= 1:
-            problems.append(f"{msg}{where}" if not key else f"{key}: {msg}{where}")
-        elif error["type"] == "model_type" and (section_model := _section_model(loc)) is not None:
-            first = next(iter(section_model.model_fields))
-            problems.append(
-                f"{key} = {error.get('input')!r}{where} is not a section: write it as "
-                f"{key}: {{{first}: ...}} (its keys: {', '.join(section_model.model_fields)})."
-            )
-        else:
-            description = _description(loc)
-            hint = f" ({key}: {description})" if description else ""
-            problems.append(
-                f"{key} = {error.get('input')!r}{where} is invalid: {msg.rstrip('.')}.{hint}"
-            )
-    return "invalid configuration: " + " ".join(problems)
-
-
-def _source_of(key: str, sources: dict[str, str]) -> str | None:
-    while key:
-        if key in sources:
-            return sources[key]
-        key = key.rpartition(".")[0]
-    return None
-
-
-def _section_model(loc: list[str]) -> type[BaseModel] | None:
-    model: type[BaseModel] | None = TrainConfig
-    for part in loc:
-        if model is None or part not in model.model_fields:
-            return None
-        model = model_in(model.model_fields[part].annotation)
-    return model
-
-
-def _description(loc: list[str]) -> str | None:
-    if not loc:
-        return None
-    model = _section_model(loc[:-1])
-    if model is None or loc[-1] not in model.model_fields:
-        return None
-    return model.model_fields[loc[-1]].description

@@ -14,12 +14,13 @@ from typing import Any
 
 from torch import nn
 
-from pairopt.config import TrainConfig
 from pairopt.engine.compat import disable_dropout
 from pairopt.engine.forward import compute_logps
 from pairopt.errors import PairoptError
-from pairopt.models import load_causal_lm, resolve_path
 from pairopt.pairs import PairLogps, PreferencePair
+from pairopt.sources import resolve_path
+from pairopt.training.config import LoraSection, ModelConfig
+from pairopt.training.models import load_causal_lm
 
 
 class Pairs:
@@ -37,50 +38,58 @@ class PolicyLogps(nn.Module):
         self.model = model
         self.engine_kwargs = engine_kwargs
         # FSDP's auto-wrap policy reads the transformer block classes from here.
-        self._no_split_modules = getattr(self.hf_model(), "_no_split_modules", None)
-
-    def hf_model(self) -> nn.Module:
-        """The transformers model (under PEFT: the base model with the LoRA layers injected)."""
-        get_base = getattr(self.model, "get_base_model", None)
-        return get_base() if callable(get_base) else self.model
+        self._no_split_modules = getattr(hf_model(model), "_no_split_modules", None)
 
     def forward(self, batch: Pairs) -> PairLogps:
-        return compute_logps(self.hf_model(), batch.pairs, **self.engine_kwargs)
+        return compute_logps(hf_model(self.model), batch.pairs, **self.engine_kwargs)
 
 
-def load_tokenizer(cfg: TrainConfig) -> Any:
+def load_tokenizer(cfg: ModelConfig) -> Any:
     """The policy's tokenizer (a pad token is set to EOS when the tokenizer has none)."""
     from transformers import AutoTokenizer
 
-    path = resolve_path(cfg.model.name_or_path)
+    path = resolve_path(cfg.name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError) as err:
         raise PairoptError(
-            f"could not load the tokenizer of model.name_or_path {cfg.model.name_or_path!r}: {err}"
+            f"could not load the tokenizer of model.name_or_path {cfg.name_or_path!r}: {err}"
         ) from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(name_or_path: str, cfg: TrainConfig, *, seed: int) -> nn.Module:
-    """A causal LM from the hub, a directory, or a config without weights (built under `seed`)."""
+def load_model(cfg: ModelConfig, *, seed: int, name_or_path: str | None = None) -> nn.Module:
+    """A causal LM from the hub, a directory, or a config without weights (built under `seed`),
+    loaded as the model section says; `name_or_path` replaces the section's (a reference model)."""
     return load_causal_lm(
-        name_or_path,
-        dtype=cfg.model.dtype,
+        name_or_path or cfg.name_or_path,
+        dtype=cfg.dtype,
         seed=seed,
-        revision=cfg.model.revision,
-        trust_remote_code=cfg.model.trust_remote_code,
-        attn_implementation=cfg.model.attn_implementation,
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=cfg.attn_implementation,
     )
 
 
 def hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model (under PEFT: the base model with the LoRA layers injected)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing (transformers' name for it changed in 5.2x)."""
+    hf: Any = hf_model(model)
+    no_reentrant = {"use_reentrant": False}
+    if hasattr(hf, "activation_checkpointing_enable"):
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=no_reentrant)
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=no_reentrant)
+    hf.config.use_cache = False
 
 
 def switch_off_dropout(model: nn.Module) -> str:
@@ -93,15 +102,14 @@ def switch_off_dropout(model: nn.Module) -> str:
     return "none active (the prefix-shared forward is exact only without dropout)"
 
 
-def apply_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+def apply_lora(model: nn.Module, lora: LoraSection) -> nn.Module:
+    """Wrap `model` in a PEFT LoRA adapter as the section says (no adapter dropout)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:  # the config check found peft; a broken install still deserves a message
         raise PairoptError(
             "model.lora needs the peft package: pip install 'pairopt[lora]'"
         ) from None
-    lora = cfg.model.lora
-    assert lora is not None
     peft_config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,

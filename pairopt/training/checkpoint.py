@@ -11,9 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from pairopt.config import TrainConfig
 from pairopt.errors import PairoptError
-from pairopt.run_log import flat_config
+from pairopt.training.config import CheckpointConfig, OutputConfig
 
 # Settings that do not change what a resumed run computes: where it writes, what it prints.
 _NOT_TRAJECTORY = (
@@ -30,19 +29,23 @@ _NOT_TRAJECTORY = (
 
 
 def save_checkpoint(
-    accelerator: Any, output: Path, step: int, train_fp: str, cfg: TrainConfig
+    accelerator: Any,
+    output: Path,
+    step: int,
+    train_fp: str,
+    cfg: CheckpointConfig,
+    settings: dict[str, Any],
 ) -> None:
-    """accelerate.save_state (model, optimiser, RNG, scheduler, loss state) + trainer_state.json."""
+    """accelerate.save_state (model, optimiser, RNG, scheduler, loss state) + trainer_state.json
+    with the step, the training data's fingerprint and the run's `settings` (TrainConfig.flat())."""
     directory = output / "checkpoints" / f"step-{step:06d}"
     accelerator.save_state(str(directory))
     if accelerator.is_main_process:
         (directory / "trainer_state.json").write_text(
-            json.dumps(
-                {"step": step, "train_fingerprint": train_fp, "config": flat_config(cfg)}, indent=1
-            )
+            json.dumps({"step": step, "train_fingerprint": train_fp, "config": settings}, indent=1)
         )
-        if cfg.checkpoint.keep_last is not None:
-            for old in list_checkpoints(output)[: -cfg.checkpoint.keep_last]:
+        if cfg.keep_last is not None:
+            for old in list_checkpoints(output)[: -cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
@@ -77,15 +80,14 @@ def find_checkpoint(resume: str, output: Path) -> Path:
     return found[-1]
 
 
-def changed_settings(state: dict[str, Any], cfg: TrainConfig) -> list[str]:
-    """Settings of `cfg` that differ from those the checkpoint was written with, as "key: old -> new".
-
-    Empty for checkpoints written before trainer_state.json held the config.
+def changed_settings(state: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Settings `now` (TrainConfig.flat()) that differ from those the checkpoint was written
+    with, as "key: old -> new". Empty for checkpoints written before trainer_state.json held
+    the config.
     """
     saved = state.get("config")
     if not isinstance(saved, dict):
         return []
-    now = flat_config(cfg)
     return [
         f"{key}: {saved.get(key, '(unset)')} -> {now.get(key, '(unset)')}"
         for key in sorted(set(saved) | set(now))
@@ -93,14 +95,14 @@ def changed_settings(state: dict[str, Any], cfg: TrainConfig) -> list[str]:
     ]
 
 
-def check_resumable(checkpoint: Path, train_fp: str, cfg: TrainConfig) -> dict[str, Any]:
+def check_resumable(checkpoint: Path, train_fp: str, settings: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint's trainer_state.json, once its training data is known to be this run's.
 
     Checked right after the data is tokenised: before any model loads or file is written.
     """
     state: dict[str, Any] = json.loads((checkpoint / "trainer_state.json").read_text())
     if state["train_fingerprint"] != train_fp:
-        data_changes = [c for c in changed_settings(state, cfg) if c.startswith("data.")]
+        data_changes = [c for c in changed_settings(state, settings) if c.startswith("data.")]
         said = f" Data settings changed: {'; '.join(data_changes)}." if data_changes else ""
         raise PairoptError(
             f"cannot resume from {checkpoint}: its training data differs from this run's "
@@ -110,11 +112,12 @@ def check_resumable(checkpoint: Path, train_fp: str, cfg: TrainConfig) -> dict[s
     return state
 
 
-def output_dir(cfg: TrainConfig) -> str:
-    if cfg.output.dir:
-        return str(Path(cfg.output.dir).expanduser())
-    model = cfg.model.name_or_path.removeprefix("builtin:").rstrip("/").split("/")[-1]
-    name = cfg.output.run_name or f"{cfg.loss.name}-{model}-{time.strftime('%Y%m%d-%H%M%S')}"
+def output_dir(cfg: OutputConfig, loss: str, model: str) -> str:
+    """The run directory: output.dir, else ./pairopt-output/<run_name or loss-model-time>."""
+    if cfg.dir:
+        return str(Path(cfg.dir).expanduser())
+    model = model.removeprefix("builtin:").rstrip("/").split("/")[-1]
+    name = cfg.run_name or f"{loss}-{model}-{time.strftime('%Y%m%d-%H%M%S')}"
     return str(Path("pairopt-output") / name)
 
 
@@ -142,20 +145,27 @@ def check_output_dir(output: Path, *, resuming: bool) -> None:
 
 
 def save_final(
-    accelerator: Any, wrapped: Any, tokenizer: Any, cfg: TrainConfig, output: Path
+    accelerator: Any,
+    wrapped: Any,
+    tokenizer: Any,
+    cfg: OutputConfig,
+    output: Path,
+    *,
+    lora: bool,
 ) -> nn.Module:
-    """save_pretrained the policy (merged when LoRA) and the tokenizer into the output dir."""
+    """save_pretrained the policy (with `lora`: the adapter, and merged on request) and the
+    tokenizer into the output dir."""
     accelerator.wait_for_everyone()
     module = accelerator.unwrap_model(wrapped)
     model = module.model
-    if not cfg.output.save_final:
+    if not cfg.save_final:
         return model
     state = accelerator.get_state_dict(wrapped)
     if accelerator.is_main_process:
         state = {key.removeprefix("model."): value for key, value in state.items()}
-        if cfg.model.lora is not None:
+        if lora:
             model.save_pretrained(output / "adapter")
-            if cfg.output.merge_lora:
+            if cfg.merge_lora:
                 model = model.merge_and_unload()
                 model.save_pretrained(output)
         else:

@@ -15,7 +15,7 @@ longest items first) and the batches would be the same every epoch. Instead:
 
 Every item appears exactly once per epoch, every batch sums to at most `max_tokens`, and a
 different epoch gives different batches. Lengths are what the engine lays out:
-`segment_length` (P + C + R shared, 2P + C + R unshared).
+`pairopt.pairs.shared_length` (P + C + R) or `unshared_length` (2P + C + R).
 
 Naive equivalent: `[[i] for i in shuffled]` (one pair per step) or fixed-size slices of the
 shuffled stream; both waste the padding this removes.
@@ -38,14 +38,6 @@ from pairopt.engine.layout import first_fit_decreasing, round_up
 from pairopt.errors import PairoptError
 
 
-def segment_length(prompt_tokens: int, response_tokens: Sequence[int], share_prefix: bool) -> int:
-    """Tokens one prompt with its responses occupies in a row: P + sum(R_i) when the prefix is
-    shared (one segment), sum(P + R_i) otherwise (one segment per response)."""
-    if share_prefix:
-        return prompt_tokens + sum(response_tokens)
-    return sum(prompt_tokens + n for n in response_tokens)
-
-
 def pack_batches(
     lengths: Sequence[int],
     max_tokens: int,
@@ -58,7 +50,7 @@ def pack_batches(
 ) -> list[list[int]]:
     """Item indices of each batch for one epoch; see the module docstring.
 
-    lengths: the token count of each item (`segment_length`). max_tokens: the budget of one
+    lengths: the token count of each item (`shared_length` or `unshared_length`). max_tokens: the budget of one
     bin (one row). window: how many stream items FFD sees at once (larger packs tighter,
     smaller keeps batches closer to the shuffled order). rows_per_batch: bins per batch.
     """
@@ -156,39 +148,3 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.batches())
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m pairopt.packing`: packing efficiency of the sampler on the six length profiles
-    (pairs drawn as in `pairopt bench`), unshared and shared, rows padded to a multiple of
-    `--bucket` (varlen: any length runs) or to exactly the budget (compiled kernels)."""
-    import argparse
-
-    from pairopt.bench import load_profiles, profile_lengths
-
-    p = argparse.ArgumentParser(prog="python -m pairopt.packing", description=main.__doc__)
-    p.add_argument("--pairs", type=int, default=10_000)
-    p.add_argument("--max-tokens", type=int, default=16384)
-    p.add_argument("--window", type=int, default=1024)
-    p.add_argument("--bucket", type=int, default=64)
-    p.add_argument("--jitter", type=float, default=0.25)
-    args = p.parse_args(argv)
-    print(
-        f"{'profile':<15}{'layout':<10}{'batches':>8}{'bucket ' + str(args.bucket):>12}{'fixed':>8}"
-    )
-    for name, profile in load_profiles().items():
-        triples = profile_lengths(profile, args.pairs, args.jitter, random.Random(0))
-        for share in (False, True):
-            lengths = [segment_length(P, [C, R], share) for P, C, R in triples]
-            batches = pack_batches(lengths, args.max_tokens, window=args.window, seed=0)
-            bucketed = packing_efficiency(lengths, batches, args.max_tokens, args.bucket)
-            fixed = packing_efficiency(lengths, batches, args.max_tokens, args.max_tokens)
-            layout = "shared" if share else "unshared"
-            print(f"{name:<15}{layout:<10}{len(batches):>8}{bucketed:>12.4f}{fixed:>8.4f}")
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

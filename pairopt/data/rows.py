@@ -1,9 +1,9 @@
 """One dataset row -> checked, tokenised, truncated token ids.
 
-`RowTokenizer` is the function `pairopt.data` gives to `Dataset.map(batched=True,
+`RowTokenizer` is the function `pairopt.data.load` gives to `Dataset.map(batched=True,
 with_indices=True)`. It never drops a row itself: it writes the token ids and, per row, a
 status ("" ok, "skip:<bad-row reason>", "drop:<truncation reason>") and truncation flags, so
-the counts in the data report survive the `datasets` cache; `pairopt.data` filters afterwards.
+the counts in the data report survive the `datasets` cache; `pairopt.data.load` filters afterwards.
 
 - Texts: standard rows as they are; conversations through the chat template (the prompt with
   `add_generation_prompt=True`, a response is what the whole conversation renders after the
@@ -18,16 +18,14 @@ the counts in the data report survive the `datasets` cache; `pairopt.data` filte
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import datasets
 
+from pairopt.data.config import DataConfig
+from pairopt.data.formats import DataFormat
 from pairopt.errors import PairoptError
-
-if TYPE_CHECKING:
-    from pairopt.data import DataConfig
 
 BAD_ROW_REASONS = {
     "wrong_type": "a value has the wrong type",
@@ -52,20 +50,6 @@ OUTPUT_FEATURES = datasets.Features(
         "_response_truncated": datasets.Value("bool"),
     }
 )
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Resolved format: where the prompt comes from and whether values are text or messages."""
-
-    messages: bool  # values are lists of {role, content} (rendered with the chat template)
-    implicit: bool  # no prompt column: the shared beginning of chosen/rejected is the prompt
-
-    @property
-    def name(self) -> str:
-        if self.implicit:
-            return "implicit (messages)" if self.messages else "implicit (text)"
-        return "conversational" if self.messages else "standard"
 
 
 class BadRow(Exception):
@@ -148,11 +132,11 @@ class RowTokenizer:
     """
 
     def __init__(
-        self, tokenizer: Any, cfg: DataConfig, layout: Layout, where: str, split: str
+        self, tokenizer: Any, cfg: DataConfig, data_format: DataFormat, where: str, split: str
     ) -> None:
         self.tokenizer = tokenizer
         self.cfg = cfg
-        self.layout = layout
+        self.data_format = data_format
         self.where = where
         self.split = split
         self.bos_id: int | None = tokenizer.bos_token_id
@@ -190,20 +174,20 @@ class RowTokenizer:
 
     def row_texts(self, batch: dict[str, list], i: int) -> tuple[str, str, str]:
         """(prompt, chosen, rejected) texts of row i of the batch, or raise BadRow."""
-        cfg, layout = self.cfg, self.layout
-        check = check_messages if layout.messages else check_text
+        cfg, data_format = self.cfg, self.data_format
+        check = check_messages if data_format.messages else check_text
         chosen: Any = check(batch[cfg.chosen_column][i], cfg.chosen_column)
         rejected: Any = check(batch[cfg.rejected_column][i], cfg.rejected_column)
         prompt: Any = (
-            None if layout.implicit else check(batch[cfg.prompt_column][i], cfg.prompt_column)
+            None if data_format.implicit else check(batch[cfg.prompt_column][i], cfg.prompt_column)
         )
         if chosen == rejected:
             raise BadRow(
                 "chosen_equals_rejected",
                 "chosen and rejected are identical (no preference to learn)",
             )
-        if layout.implicit:
-            if layout.messages:
+        if data_format.implicit:
+            if data_format.messages:
                 k = 0
                 while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
                     k += 1
@@ -213,10 +197,12 @@ class RowTokenizer:
         for value, column in ((chosen, cfg.chosen_column), (rejected, cfg.rejected_column)):
             if _is_empty(value):
                 after = (
-                    " after taking the shared beginning as the prompt" if layout.implicit else ""
+                    " after taking the shared beginning as the prompt"
+                    if data_format.implicit
+                    else ""
                 )
                 raise BadRow("empty_response", f"column {column!r} is empty{after}")
-        if not layout.messages:
+        if not data_format.messages:
             return prompt, chosen, rejected
         prompt_text = self._render(prompt, generation_prompt=True)
         return (
@@ -267,7 +253,7 @@ class RowTokenizer:
 
     def fail(self, index: int, bad: BadRow) -> PairoptError:
         return PairoptError(
-            f"Row {index} of split {self.split!r} of {self.where} ({self.layout.name} format): "
+            f"Row {index} of split {self.split!r} of {self.where} ({self.data_format.name} format): "
             f"{bad.detail} [{bad.reason}]. Fix the row, or set on_bad_row: skip to skip such rows "
             "and count them in the data report."
         )

@@ -1,10 +1,4 @@
-"""The loss contract and the registry: a dict, a decorator, get / list / build.
-
-A loss plugin is a `PairLoss` subclass registered under a name. It turns the policy's (and, when
-it declares `requires_reference`, the reference's) per-pair log-probabilities into per-pair
-losses and a few detached scalar metrics. It never sees a model, a tokenizer or a mask, so every
-plugin gets the prefix-shared forward for free, and nothing outside a plugin branches on its name:
-the trainer reads the declared class attributes instead.
+"""The loss registry: a dict, a decorator, get / list / build, and where plugins come from.
 
     @register_loss("my_loss")
     class MyLoss(PairLoss):
@@ -18,9 +12,11 @@ the trainer reads the declared class attributes instead.
             return LossOutput(losses_N, metrics)
 
 Plugins are found three ways, all ending in `register_loss`: the entry-point group
-`pairopt.losses` (the built-ins in `losses/` use it exactly like a third-party package does; it
-is read lazily, on the first registry lookup), a class registered in the user's own script, and
-`load_loss_module` (the CLI's `--loss-module`) for a module name or a `.py` path.
+`pairopt.losses` (the built-ins in the top-level `losses/` package use it exactly like a
+third-party package does; it is read lazily, on the first registry lookup), a class registered
+in the user's own script, and `load_loss_module` (the CLI's `--loss-module`) for a module name
+or a `.py` path. A user's own `losses.py` or `losses/` that would be imported in place of the
+built-ins (it comes first on sys.path) is refused, naming the file.
 """
 
 from __future__ import annotations
@@ -34,190 +30,17 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import pydantic
-import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from pairopt.errors import PairoptError
-from pairopt.pairs import PairLogps
+from pairopt.loss.base import LossConfig, PairLoss
 
 ENTRY_POINT_GROUP = "pairopt.losses"
-
-# The metric keys every loss reports (TRL's names, so existing dashboards keep working).
-STANDARD_METRICS = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-)
-
-
-class LossConfig(BaseModel):
-    """Base of every plugin's `Config`: frozen, unknown keys rejected.
-
-    Every field needs a `description` (it is the CLI help and the docs) and bounds.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-@dataclass
-class LossOutput:
-    """What a loss returns.
-
-    `losses`: per-pair losses, shape (N,); the trainer optimises `losses.mean()`, so a loss that
-    couples the batch (kto_pair) still returns values whose mean is its batch loss.
-    `metrics`: detached scalar tensors (batch means) under STANDARD_METRICS plus loss-specific keys.
-    """
-
-    losses: torch.Tensor
-    metrics: dict[str, torch.Tensor]
-
-
-class PairLoss(torch.nn.Module):
-    """Base class of every loss plugin; subclasses implement `compute`.
-
-    An `nn.Module` so that a loss with state (bco_pair's running reward mean) keeps it in buffers
-    that move with `.to(device)` and are saved with `state_dict()`; stateless losses pay nothing.
-
-    Class attributes a plugin declares (read by the trainer before anything is loaded):
-      name                set by `@register_loss`
-      summary             one line, shown by `pairopt losses`
-      requires_reference  whether `compute` needs the reference model's log-probs
-      Config              the pydantic model of its parameters (frozen, bounded, described)
-    """
-
-    name: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
-    # Not a ClassVar: a combination decides per instance (its terms), see losses/combined.py.
-    requires_reference: bool = False
-    Config: ClassVar[type[LossConfig]] = LossConfig
-
-    def __init__(self, config: LossConfig | None = None) -> None:
-        super().__init__()
-        if config is None:
-            config = self.Config()
-        elif not isinstance(config, self.Config):
-            raise TypeError(
-                f"{type(self).__name__} takes a {self.Config.__name__}, got {type(config).__name__}"
-            )
-        self.config: Any = config
-
-    def compute(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
-        """Per-pair losses (N,) and metrics. `reference` is None iff not `requires_reference`."""
-        raise NotImplementedError(
-            f"{type(self).__name__} must implement compute(policy, reference)"
-        )
-
-    def forward(self, policy: PairLogps, reference: PairLogps | None = None) -> LossOutput:
-        """Check the inputs, cut the reference out of the graph, and call `compute`.
-
-        Half-precision log-probs are upcast to float32: sigmoids and squares of summed log-probs
-        lose too much in bf16 (sums reach -1e3 and bf16 keeps ~3 significant digits).
-        """
-        _check_logps(policy, "policy")
-        if self.requires_reference:
-            if reference is None:
-                raise PairoptError(
-                    f"loss {self.name or type(self).__name__!r} needs the reference model's log-probs, "
-                    "but none were given: configure a reference model (or precomputed reference log-probs)."
-                )
-            _check_logps(reference, "reference")
-            if len(reference) != len(policy):
-                raise ValueError(
-                    f"policy has {len(policy)} pairs but reference has {len(reference)}"
-                )
-            reference = _upcast(reference.detach())
-        else:
-            reference = None
-        out = self.compute(_upcast(policy), reference)
-        if out.losses.shape != (len(policy),):
-            raise RuntimeError(
-                f"loss {self.name!r} returned losses of shape {tuple(out.losses.shape)}; "
-                f"a loss must return one value per pair, shape ({len(policy)},)"
-            )
-        return out
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{key}={value!r}" for key, value in self.config.model_dump().items())
-
-
-def _check_logps(logps: PairLogps, what: str) -> None:
-    shapes = {
-        tuple(t.shape)
-        for t in (
-            logps.chosen_logps,
-            logps.rejected_logps,
-            logps.chosen_tokens,
-            logps.rejected_tokens,
-        )
-    }
-    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
-        raise ValueError(f"{what} PairLogps fields must all have shape (N,), got {sorted(shapes)}")
-
-
-def _upcast(logps: PairLogps) -> PairLogps:
-    if logps.chosen_logps.dtype in (torch.float16, torch.bfloat16):
-        return PairLogps(
-            logps.chosen_logps.float(),
-            logps.rejected_logps.float(),
-            logps.chosen_tokens,
-            logps.rejected_tokens,
-        )
-    return logps
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers plugins share (kept here so every plugin reports the same metrics the same way)
-# ---------------------------------------------------------------------------------------------
-
-
-def average_logps(logps: PairLogps) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token averages A = S / n for chosen and rejected, each (N,); n clamped to >= 1."""
-    chosen_N = logps.chosen_logps / logps.chosen_tokens.clamp(min=1).to(logps.chosen_logps.dtype)
-    rejected_N = logps.rejected_logps / logps.rejected_tokens.clamp(min=1).to(
-        logps.rejected_logps.dtype
-    )
-    return chosen_N, rejected_N
-
-
-def reward_metrics(
-    policy: PairLogps, chosen_rewards_N: torch.Tensor, rejected_rewards_N: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """The six standard metrics as detached batch means.
-
-    `logps/*` are the mean *summed* log-probs for every loss (reference-free losses included),
-    so charts of different losses are comparable.
-    """
-    chosen_N, rejected_N = chosen_rewards_N.detach(), rejected_rewards_N.detach()
-    return {
-        "rewards/chosen": chosen_N.mean(),
-        "rewards/rejected": rejected_N.mean(),
-        "rewards/accuracies": (chosen_N > rejected_N).to(chosen_N.dtype).mean(),
-        "rewards/margins": (chosen_N - rejected_N).mean(),
-        "logps/chosen": policy.chosen_logps.detach().mean(),
-        "logps/rejected": policy.rejected_logps.detach().mean(),
-    }
-
-
-def reference_rewards(
-    beta: float, policy: PairLogps, reference: PairLogps
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Implicit rewards β·(S − S_ref) of chosen and rejected, each (N,), detached (DPO's reward)."""
-    chosen_N = beta * (policy.chosen_logps - reference.chosen_logps)
-    rejected_N = beta * (policy.rejected_logps - reference.rejected_logps)
-    return chosen_N.detach(), rejected_N.detach()
-
-
-# ---------------------------------------------------------------------------------------------
-# The registry
-# ---------------------------------------------------------------------------------------------
+BUILTIN_PACKAGE = "losses"  # the top-level package beside pairopt/ that holds the built-ins
 
 _REGISTRY: dict[str, type[PairLoss]] = {}
 _entry_points_loaded = False
@@ -240,6 +63,8 @@ def _load_entry_points() -> None:
         if entry_point.value in seen:  # the same distribution found twice on sys.path
             continue
         seen.add(entry_point.value)
+        if entry_point.value == BUILTIN_PACKAGE:
+            _check_builtins_not_shadowed()
         try:
             entry_point.load()
         except PairoptError:
@@ -251,6 +76,30 @@ def _load_entry_points() -> None:
                 f"{entry_point.value!r} (group {ENTRY_POINT_GROUP!r}): {type(err).__name__}: {err}",
                 stacklevel=2,
             )
+
+
+def _check_builtins_not_shadowed() -> None:
+    """Refuse a `losses` module other than the package shipped beside pairopt/.
+
+    `python -m pairopt` puts the working directory first on sys.path, so a project's own
+    `losses.py` (or `losses/` package) would be imported instead of the built-ins and every
+    built-in loss would silently be missing or replaced.
+    """
+    shipped = Path(__file__).resolve().parents[2] / BUILTIN_PACKAGE / "__init__.py"
+    module = sys.modules.get(BUILTIN_PACKAGE)
+    if module is not None:
+        origin = getattr(module, "__file__", None)
+    else:
+        spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+        origin = spec.origin if spec is not None else None
+    if origin is None or Path(origin).resolve() == shipped:
+        return  # nothing importable by that name, or a namespace folder (never wins)
+    raise PairoptError(
+        f"{origin} is imported as the module 'losses' in place of pairopt's built-in losses "
+        f"({shipped.parent}), because its folder comes first on sys.path. Rename it (e.g. to "
+        "my_losses.py and load it with --loss-module my_losses.py), or run pairopt from "
+        "another directory."
+    )
 
 
 def _defining_file(cls: type) -> str | None:

@@ -14,27 +14,29 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from pairopt.config import TrainConfig
 from pairopt.errors import PairoptError
+from pairopt.pairs import row_need
+from pairopt.training.config import OptimConfig
 
 
 def pair_lengths(dataset: Any, *, share_prefix: bool = True) -> list[int]:
-    """Tokens of every row's longest engine segment, read from the Arrow columns: prompt +
-    chosen + rejected (shared), or prompt + the longer response (unshared)."""
+    """`row_need` of every row (prompt + chosen + rejected shared, prompt + the longer response
+    unshared), read from the Arrow columns without materialising the token ids."""
     arrow = dataset.with_format("arrow")
     lengths: list[int] = []
     for start in range(0, len(dataset), 8192):
         table = arrow[start : start + 8192]
         prompt, chosen, rejected = (
-            table.column(column).combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
+            table.column(column).combine_chunks().value_lengths().to_pylist()
             for column in ("prompt_ids", "chosen_ids", "rejected_ids")
         )
-        total = prompt + (chosen + rejected if share_prefix else np.maximum(chosen, rejected))
-        lengths += [int(n) for n in total]
+        lengths += [
+            row_need(p, [c, r], share_prefix)
+            for p, c, r in zip(prompt, chosen, rejected, strict=True)
+        ]
     return lengths
 
 
@@ -136,29 +138,29 @@ class BatchPlan:
             epoch += 1
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW (or SGD); weight decay only on matrices, not on biases and norm scales."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [
-        {"params": decay, "weight_decay": cfg.optim.weight_decay},
+        {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise PairoptError("the model has no trainable parameters")
-    if cfg.optim.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.optim.lr)
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
-def lr_multiplier(cfg: TrainConfig, total_steps: int) -> Any:
+def lr_multiplier(cfg: OptimConfig, total_steps: int) -> Any:
     """Multiplier of the peak lr at step s: linear warm-up, then constant / linear / cosine to 0.
 
     Same conventions as transformers' get_*_schedule_with_warmup (warm-up starts at 0).
     """
-    warmup = cfg.optim.warmup_steps or math.ceil(cfg.optim.warmup_ratio * total_steps)
-    schedule = cfg.optim.schedule
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    schedule = cfg.schedule
 
     def multiplier(step: int) -> float:
         if step < warmup:

@@ -1,7 +1,8 @@
 """Loading a causal LM: a hub id, a local directory, or a config without weights.
 
 A directory with a config.json but no weight files (the shipped `builtin:tiny-llama`) is built
-with `from_config` under a seed, so a run on it is reproducible. Light: no pydantic here.
+with `from_config` under a seed, so a run on it is reproducible. Light: torch and transformers,
+no pydantic or datasets (`pairopt verify` uses it too).
 """
 
 from __future__ import annotations
@@ -13,22 +14,7 @@ import torch
 from torch import nn
 
 from pairopt.errors import PairoptError
-
-
-def resolve_path(name_or_path: str) -> str:
-    """`builtin:<name>` -> the shipped asset's directory; an existing path -> expanded; else as is."""
-    if name_or_path.startswith("builtin:"):
-        from pairopt.data import resolve_builtin
-
-        return str(resolve_builtin(name_or_path))
-    path = Path(name_or_path).expanduser()
-    return str(path) if path.exists() else name_or_path
-
-
-def looks_like_path(value: str) -> bool:
-    """Hub IDs are `org/name`; these can only be meant as local paths."""
-    return value.startswith(("/", "./", "../", "~", "."))
-
+from pairopt.sources import BUILTIN_PREFIX, looks_like_path, resolve_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -38,7 +24,7 @@ def check_model_source(name_or_path: str, *, tokenizer: bool = False) -> None:
 
     Raises PairoptError saying what is wrong with the path; `tokenizer`: it must hold one too.
     """
-    local = name_or_path.startswith("builtin:") or looks_like_path(name_or_path)
+    local = name_or_path.startswith(BUILTIN_PREFIX) or looks_like_path(name_or_path)
     if not (local or Path(name_or_path).expanduser().exists()):
         return
     path = Path(resolve_path(name_or_path))
@@ -47,7 +33,7 @@ def check_model_source(name_or_path: str, *, tokenizer: bool = False) -> None:
             "no such directory (give a local model directory with a config.json, a hub model "
             "id, or builtin:tiny-llama)"
         )
-    if name_or_path.startswith("builtin:") and not (path / "config.json").is_file():
+    if name_or_path.startswith(BUILTIN_PREFIX) and not (path / "config.json").is_file():
         raise PairoptError(
             "that built-in is a dataset, not a model (the model is builtin:tiny-llama)"
         )

@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 
-from pairopt.bench_checks import check_tokenizer_dir, read_text
+from pairopt.bench.checks import check_tokenizer_dir, read_text
 from pairopt.errors import PairoptError
-from pairopt.pairs import PreferencePair
+from pairopt.pairs import PreferencePair, shared_length, unshared_length
+from pairopt.sources import ASSETS_DIR
 
-PROFILES_PATH = Path(__file__).parent / "assets" / "profiles.json"
+PROFILES_PATH = ASSETS_DIR / "profiles.json"
 
 PROFILE_KEYS = ("name", "prompt_tokens", "completion_tokens")  # what a profile must have
 
@@ -178,6 +179,6 @@ def make_batches(
 
 def ideal_speedup(pairs: Sequence[PreferencePair]) -> float:
     """sum(2P + C + R) / sum(P + C + R): tokens without sharing over tokens with it."""
-    unshared = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
-    shared = sum(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    unshared = sum(unshared_length(*p.lengths()) for p in pairs)
+    shared = sum(shared_length(*p.lengths()) for p in pairs)
     return unshared / shared

@@ -5,7 +5,7 @@ Precedence, lowest to highest: field defaults < the run's saved config.yaml (wit
 field (`--optim.lr 5e-4`, `--engine.share_prefix false`, `--model.lora.r 8`, loss parameters
 flat: `--loss.beta 0.2`). A flag's text is read by the type of the field it sets (loss
 parameters: by the plugin's Config), so `5e-4` is a float, `false` a bool and `123` stays text
-for a text field. `python -m pairopt.flags` prints the option tables of docs/configuration.md.
+for a text field. `python -m pairopt.training.flags` prints the option tables of docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -20,39 +20,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel
 
-from pairopt.config import (
-    LossSection,
-    TrainConfig,
-    flat_keys,
-    is_union,
-    model_in,
-    read_yaml,
-    validate_config,
-)
 from pairopt.errors import PairoptError
-
-TINY_MODEL = "builtin:tiny-llama"
-
-# The out-of-the-box run (`pairopt train --loss NAME`, the shipped tiny model and data) starts
-# from these values instead of the field defaults, which suit pretrained hub models (lr 5e-6). A
-# randomly initialised 160k-parameter model needs a large step and a few thousand pairs to learn
-# to read the prompt: pairopt/assets/README.md measured DPO at 0.97 held-out accuracy after
-# 300 steps of 16 pairs at lr 1e-3; 2 epochs here are 374 such steps. The reference log-probs
-# are precomputed once and cached, which saves the reference forward at every step. A --config
-# file or flags override any of these; with another model they do not apply. One CPU thread:
-# the model's matrices are too small to split, and on two shared cores the default two threads
-# made the same run 7x slower in CPU time (430 s vs 60 s, measured with another job running).
-TINY_RUN_PRESET: dict[str, Any] = {
-    "optim": {
-        "lr": 1e-3,
-        "batch_size": 16,
-        "epochs": 2,
-        "warmup_steps": 20,
-        "schedule": "linear",
-        "cpu_threads": 1,
-    },
-    "reference": {"strategy": "precompute"},
-}
+from pairopt.loss.registry import available_losses, get_loss_class, load_loss_module
+from pairopt.training.config import LossSection, TrainConfig, is_union, model_in
+from pairopt.training.config_load import (
+    TINY_MODEL,
+    TINY_RUN_PRESET,
+    build_config,
+    flat_keys,
+    read_yaml,
+)
 
 SHORTCUTS = {
     "--loss": "loss.name",
@@ -122,18 +99,11 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
         _set(data, key, _coerce(raw, annotation, flag), sources, flag)
 
     if "loss" not in data or "name" not in data["loss"]:
-        from pairopt.loss import available_losses
-
         raise PairoptError(
             f"no loss chosen: pass --loss NAME (or loss.name in a --config file). Available: "
             f"{', '.join(available_losses())}."
         )
-    model = data.get("model", {})
-    if isinstance(model, dict) and model.get("name_or_path", TINY_MODEL) == TINY_MODEL:
-        preset: dict[str, Any] = json.loads(json.dumps(TINY_RUN_PRESET))  # a deep copy
-        _merge(preset, data, {}, "")
-        data = preset
-    return validate_config(data, sources)
+    return build_config(data, sources)
 
 
 def _split_flags(argv: list[str]) -> list[tuple[str, str | None]]:
@@ -229,8 +199,6 @@ def _loss_fields(loss: Any) -> dict[str, Any]:
     """The loss plugin's parameter annotations, if the name (and module) resolve; else {}."""
     if not isinstance(loss, dict) or not isinstance(loss.get("name"), str):
         return {}
-    from pairopt.loss import get_loss_class, load_loss_module
-
     if loss.get("module"):
         load_loss_module(str(loss["module"]))
     try:

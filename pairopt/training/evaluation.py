@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from pairopt.config import TrainConfig
 from pairopt.pairs import PairLogps
-from pairopt.policy import Pairs
-from pairopt.run_log import work_bar
+from pairopt.training.config import EvalConfig
+from pairopt.training.policy import Pairs
+from pairopt.training.run_log import work_bar
 
 
 class Evaluator:
@@ -29,16 +29,14 @@ class Evaluator:
         loss_fn: Any,
         dataset: Any,
         rows_to_pairs: Any,
-        cfg: TrainConfig,
+        cfg: EvalConfig,
         accelerator: Any,
+        *,
+        progress: bool = True,
     ) -> None:
         self.wrapped, self.reference, self.loss_fn = wrapped, reference, loss_fn
-        self.dataset, self.rows_to_pairs, self.cfg, self.accelerator = (
-            dataset,
-            rows_to_pairs,
-            cfg,
-            accelerator,
-        )
+        self.dataset, self.rows_to_pairs = dataset, rows_to_pairs
+        self.cfg, self.accelerator, self.progress = cfg, accelerator, progress
 
     @property
     def ready(self) -> bool:
@@ -59,13 +57,13 @@ class Evaluator:
         self.wrapped.eval()
         self.loss_fn.eval()
         bar = work_bar(
-            self.cfg.logging.progress_bar and accelerator.is_main_process,
-            math.ceil(per_process / self.cfg.eval.batch_size),
+            self.progress and accelerator.is_main_process,
+            math.ceil(per_process / self.cfg.batch_size),
             f"eval at step {step}",
         )
         try:
-            for start in range(0, per_process, self.cfg.eval.batch_size):
-                batch = mine[start : start + self.cfg.eval.batch_size]
+            for start in range(0, per_process, self.cfg.batch_size):
+                batch = mine[start : start + self.cfg.batch_size]
                 real = [max(i, 0) for i in batch]
                 pairs = self.rows_to_pairs(self.dataset[real])
                 policy = self.wrapped(Pairs(pairs))

@@ -1,6 +1,6 @@
 """The peer: TRL's DPOTrainer and pairopt, same tiny model, data, batch and steps; pairs/s of both.
 
-    python -m pairopt.peer --profile hh_rlhf --pairs-per-step 4 --steps 8
+    python -m pairopt.bench.peer --profile hh_rlhf --pairs-per-step 4 --steps 8
     pairopt bench --peer ...                      (the same)
 
 TRL is an optional bench dependency (`pip install pairopt[bench]`), never a runtime one.
@@ -33,6 +33,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from pairopt.bench.checks import check_numbers, check_shape
+from pairopt.bench.data import load_profiles
+from pairopt.bench.model import ModelShape, build_model
+from pairopt.engine.forward import compute_logps
 from pairopt.errors import PairoptError
 from pairopt.pairs import PreferencePair
 
@@ -139,8 +143,6 @@ def run_pairopt(
     model: nn.Module, rows: list[dict], args: argparse.Namespace, clock: Any
 ) -> list[float]:
     """Step times of pairopt's DPO step on the same rows, in the same batches."""
-    from pairopt.engine.forward import compute_logps
-
     ref = copy.deepcopy(model).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     pairs = [PreferencePair(r["prompt"], r["chosen"] + [EOS], r["rejected"] + [EOS]) for r in rows]
@@ -165,7 +167,9 @@ def run_pairopt(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pairopt.peer", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m pairopt.bench.peer", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--profile", default="hh_rlhf", help="a profile of pairopt/assets/profiles.json")
     p.add_argument("--pairs-per-step", type=int, default=4)
     p.add_argument("--steps", type=int, default=6, help="measured steps")
@@ -186,9 +190,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from pairopt.bench import ModelShape, build_model
-    from pairopt.bench_checks import check_numbers, check_shape
-
     check_numbers(args)  # the options it shares with the bench, in the same ranges
     shape = ModelShape(
         args.hidden, args.layers, args.heads, args.heads, args.intermediate, args.vocab
@@ -204,8 +205,6 @@ def main(argv: list[str] | None = None) -> int:
         raise PairoptError(
             "the peer benchmark needs TRL: pip install 'pairopt[bench]' (or pip install trl)."
         ) from err
-    from pairopt.bench import load_profiles
-
     if args.threads:
         torch.set_num_threads(args.threads)
     profiles = load_profiles()
@@ -223,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     trl_times = run_trl(fresh_model(), rows, args, clock)[args.warmup :]
     ours = run_pairopt(fresh_model(), rows, args, clock)[args.warmup :]
     result = {
-        "command": "python -m pairopt.peer " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m pairopt.bench.peer "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "trl_version": trl.__version__,
         "torch_threads": torch.get_num_threads(),
         "timer": args.timer,

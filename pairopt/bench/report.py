@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from pairopt.bench import BASELINES, ProfileResult
+from pairopt.bench.run import BASELINES, ProfileResult
 
 
 def format_table(results: Sequence[ProfileResult]) -> str:

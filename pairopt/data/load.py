@@ -1,0 +1,237 @@
+"""Preference data in, token ids out: any TRL-style paired dataset, tokenised as docs/configuration.md (Data) says.
+
+    load_preference_data(DataConfig(dataset="my/prefs.jsonl"), tokenizer) -> PreferenceData
+    rows_to_pairs(batch) -> list[PreferencePair]        # a datasets batch, ready for the engine
+
+Sources: a hub id, a local file (.json/.jsonl/.parquet/.csv), a local folder (splits inferred
+from file names by `datasets`), or `builtin:<name>` (shipped under pairopt/assets/).
+
+Formats (the ones TRL users bring), detected from the columns unless `format` says otherwise:
+- standard: `prompt`, `chosen`, `rejected` strings;
+- conversational: the same columns as lists of `{"role", "content"}` messages, rendered with the
+  tokenizer's chat template; the prompt with `add_generation_prompt=True`, each response is the
+  text the full conversation renders *after* the rendered prompt;
+- implicit prompt: no prompt column; `chosen`/`rejected` are whole texts or conversations and
+  their shared beginning becomes the prompt (common leading messages; for text, the common
+  prefix backed up to a word boundary, with one separating space moved into the responses, as
+  TRL's `extract_prompt` does).
+
+Tokenisation and truncation (TRL semantics) happen row by row in
+`pairopt.rows.RowTokenizer`: both responses share the same prompt ids, each response ends with
+one EOS, `max_prompt_length` / `max_completion_length` / `max_length` cut, and a row left with
+no room for a response is dropped and counted.
+
+Every row is checked; a bad row either fails the load (row index, column, reason, fix) or is
+skipped and counted, per `on_bad_row`. All per-row work is one `Dataset.map(batched=True)`
+whose outcome (status, truncation flags) is stored in columns, so a load served from the
+`datasets` cache reports the same counts as the first one.
+"""
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from pairopt.data.config import DataConfig
+from pairopt.data.formats import DataFormat, detect_format
+from pairopt.data.report import DataReport, SplitReport
+from pairopt.data.rows import OUTPUT_FEATURES, STATUS_COLUMNS, RowTokenizer
+from pairopt.errors import PairoptError
+from pairopt.pairs import PreferencePair
+from pairopt.sources import DATA_FILE_BUILDERS, looks_like_data_file, resolve_builtin
+
+
+@dataclass
+class PreferenceData:
+    """Tokenised pairs: `train`/`eval` have int columns prompt_ids, chosen_ids, rejected_ids."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset | None
+    report: DataReport
+
+
+def rows_to_pairs(rows: dict[str, list]) -> list[PreferencePair]:
+    """A columnar batch (`dataset[i:j]`, a DataLoader batch of dicts collated to lists) -> pairs."""
+    return [
+        PreferencePair(prompt=p, chosen=c, rejected=r)
+        for p, c, r in zip(
+            rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], strict=True
+        )
+    ]
+
+
+# Loading
+
+
+def _load_dataset_dict(cfg: DataConfig) -> tuple[datasets.DatasetDict, str]:
+    """Read every split of the source; returns the splits and a description for messages."""
+    spec = resolve_builtin(cfg.dataset)
+    path = Path(spec).expanduser()
+    common: dict[str, Any] = {"cache_dir": cfg.cache_dir}
+    if path.is_file():
+        builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise PairoptError(
+                f"Cannot read {path}: unknown file type {path.suffix!r}. Supported: "
+                f"{', '.join(DATA_FILE_BUILDERS)} (or a folder of such files, or a hub dataset id)."
+            )
+        with path.open("rb") as file:
+            start = file.read(1 << 16)
+        if not start.strip() and path.stat().st_size <= len(start):
+            raise PairoptError(f"Cannot read {path}: the file is empty (no pairs in it).")
+        where, args, kwargs = str(path), (builder,), {"data_files": str(path), **common}
+    elif path.is_dir():
+        where, args, kwargs = str(path), (str(path),), {"name": cfg.subset, **common}
+    elif looks_like_data_file(spec):
+        raise PairoptError(
+            f"Dataset path {spec!r} does not exist (resolved to {path.resolve()}). Set dataset to "
+            "an existing .json/.jsonl/.parquet/.csv file or folder, or to a hub dataset id."
+        )
+    else:
+        where, args = f"hub dataset {spec!r}", (spec,)
+        kwargs = {"name": cfg.subset, "revision": cfg.revision, **common}
+    try:
+        loaded = datasets.load_dataset(*args, **kwargs)
+    except Exception as err:  # any reader/hub failure becomes one actionable message
+        if not path.exists():
+            hint = f" There is no local file or folder {str(path.resolve())!r} either."
+        elif path.is_dir():
+            hint = (
+                " A folder must hold .json/.jsonl/.parquet/.csv files with pairs in them, named "
+                "by split (train.jsonl, test.jsonl, ...), all of one file type."
+            )
+        else:
+            hint = (
+                f" Check that it is valid {path.suffix.lstrip('.').upper()} with one pair per "
+                "record and that each column holds one kind of value in every row."
+            )
+        raise PairoptError(f"Could not load {where}: {type(err).__name__}: {err}.{hint}") from err
+    if not isinstance(loaded, datasets.DatasetDict):
+        raise PairoptError(f"Expected splits from {where}, got {type(loaded).__name__}.")
+    return loaded, where
+
+
+def _keep_ok(statuses: list[str]) -> list[bool]:
+    return [status == "" for status in statuses]
+
+
+def _tokenize_split(
+    raw: datasets.Dataset,
+    cfg: DataConfig,
+    tokenizer: Any,
+    data_format: DataFormat,
+    where: str,
+    split: str,
+    report_name: str,
+) -> tuple[datasets.Dataset, SplitReport]:
+    processed = raw.map(
+        RowTokenizer(tokenizer, cfg, data_format, where, split),
+        batched=True,
+        with_indices=True,
+        remove_columns=raw.column_names,
+        features=OUTPUT_FEATURES,
+        num_proc=cfg.num_proc,
+        desc=f"Tokenising {split}",
+    )
+    statuses = Counter(processed["_status"])
+    ok = statuses.pop("", 0)
+    kept = processed
+    if ok != len(processed):
+        kept = processed.filter(
+            _keep_ok, input_columns="_status", batched=True, num_proc=cfg.num_proc
+        )
+    prompt_cut, response_cut = kept["_prompt_truncated"], kept["_response_truncated"]
+    report = SplitReport(
+        name=report_name,
+        rows_read=len(raw),
+        rows_kept=ok,
+        prompts_truncated=sum(prompt_cut),
+        responses_truncated=sum(response_cut),
+        truncated=sum(p or r for p, r in zip(prompt_cut, response_cut, strict=True)),
+        dropped={s.split(":", 1)[1]: n for s, n in statuses.items() if s.startswith("drop:")},
+        skipped={s.split(":", 1)[1]: n for s, n in statuses.items() if s.startswith("skip:")},
+    )
+    return kept.remove_columns(STATUS_COLUMNS), report
+
+
+def load_preference_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 0) -> PreferenceData:
+    """Read, check, tokenise and truncate the pairs of `cfg`; see the module docstring.
+
+    `seed` only matters when the eval pairs are held out from train (`eval_fraction`).
+    Raises PairoptError for anything the user must fix (missing file, column, bad row, ...).
+    """
+    if tokenizer.eos_token_id is None:
+        raise PairoptError(
+            "The tokenizer has no EOS token, and every response must end with one (docs/configuration.md, Data). "
+            "Set tokenizer.eos_token (e.g. to the end-of-turn token of its chat template)."
+        )
+    splits, where = _load_dataset_dict(cfg)
+    if cfg.train_split not in splits:
+        raise PairoptError(
+            f"{where} has no split {cfg.train_split!r} (splits: {', '.join(splits)}). Set train_split."
+        )
+    train_raw = splits[cfg.train_split]
+    if cfg.max_samples is not None:
+        train_raw = train_raw.select(range(min(cfg.max_samples, len(train_raw))))
+    data_format = detect_format(train_raw, cfg, where, cfg.train_split)
+    needs_template = data_format.messages and not getattr(tokenizer, "chat_template", None)
+    if needs_template:
+        raise PairoptError(
+            f"{where} holds conversations ({data_format.name} format) but the tokenizer has no chat "
+            "template. Use a tokenizer with one (set tokenizer.chat_template) or standard-format data."
+        )
+    train, train_report = _tokenize_split(
+        train_raw, cfg, tokenizer, data_format, where, cfg.train_split, "train"
+    )
+    reports = [train_report]
+
+    eval_ds: datasets.Dataset | None = None
+    if cfg.eval_split is not None and cfg.eval_split in splits:
+        eval_raw = splits[cfg.eval_split]
+        if cfg.max_eval_samples is not None:
+            eval_raw = eval_raw.select(range(min(cfg.max_eval_samples, len(eval_raw))))
+        eval_format = detect_format(eval_raw, cfg, where, cfg.eval_split)
+        eval_ds, eval_report = _tokenize_split(
+            eval_raw, cfg, tokenizer, eval_format, where, cfg.eval_split, "eval"
+        )
+        reports.append(eval_report)
+        eval_source = f"split {cfg.eval_split!r}, {len(eval_ds)} pairs"
+    elif cfg.eval_fraction > 0 and len(train) > 0:  # none left: reported below, with why
+        held_out = math.ceil(cfg.eval_fraction * len(train))
+        if held_out >= len(train):
+            raise PairoptError(
+                f"eval_fraction={cfg.eval_fraction} of the {len(train)} usable training pairs "
+                f"would hold out {held_out} and leave none to train on. Lower data.eval_fraction, "
+                "or set data.eval_split to a split of held-out pairs."
+            )
+        held = train.train_test_split(test_size=cfg.eval_fraction, seed=seed)
+        train, eval_ds = held["train"], held["test"]
+        if cfg.max_eval_samples is not None:
+            eval_ds = eval_ds.select(range(min(cfg.max_eval_samples, len(eval_ds))))
+        missing = f"no split {cfg.eval_split!r}; " if cfg.eval_split is not None else ""
+        eval_source = f"{missing}{len(eval_ds)} pairs held out from train (eval_fraction={cfg.eval_fraction}, seed {seed})"
+    elif cfg.eval_split is not None:
+        others = [name for name in splits if name != cfg.train_split]
+        choose = f"--data.eval_split {others[0]}, or " if others else ""
+        eval_source = (
+            f"none (no split {cfg.eval_split!r}; splits present: {', '.join(splits)}; set "
+            f"{choose}--data.eval_fraction to hold out part of train)"
+        )
+    else:
+        eval_source = "none (eval_split is None)"
+
+    format_name = data_format.name
+    if (
+        data_format.implicit and cfg.format == "auto"
+    ):  # say why, in case the prompt column was misnamed
+        format_name += (
+            f", because there is no {cfg.prompt_column!r} column: the shared beginning of "
+            "chosen and rejected is the prompt; set data.prompt_column if another column holds it"
+        )
+    report = DataReport(source=where, format=format_name, splits=reports, eval_source=eval_source)
+    if len(train) == 0:
+        raise PairoptError(f"No usable training pairs are left. {report}")
+    return PreferenceData(train=train, eval=eval_ds, report=report)

@@ -1,0 +1,246 @@
+"""The loss contract: what a loss plugin is, what it receives and what it returns.
+
+A loss plugin is a `PairLoss` subclass (registered by name in pairopt.loss.registry). It turns
+the policy's (and, when it declares `requires_reference`, the reference's) per-pair
+log-probabilities into per-pair losses and a few detached scalar metrics. It never sees a model,
+a tokenizer or a mask, so every plugin gets the prefix-shared forward for free, and nothing
+outside a plugin branches on its name: the trainer reads the declared class attributes instead.
+
+Losses on the policy/reference log-ratios (DPO and most of its family) subclass
+`ReferencePairLoss` and implement `compute_ratios(ratios)`: they receive a `LogRatios` with
+s = S − S^ref for chosen and rejected and the margin Δ = s_c − s_r, and write only their formula.
+
+Symbols (docs/losses.md): S summed log-probs of a response, n its token count, A = S / n,
+c chosen, r rejected, s = S − S^ref, Δ = s_c − s_r, β a temperature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from pairopt.errors import PairoptError
+from pairopt.pairs import PairLogps
+
+# The metric keys every loss reports (TRL's names, so existing dashboards keep working).
+STANDARD_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+class LossConfig(BaseModel):
+    """Base of every plugin's `Config`: frozen, unknown keys rejected.
+
+    Every field needs a `description` (it is the CLI help and the docs) and bounds.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+@dataclass
+class LossOutput:
+    """What a loss returns.
+
+    `losses`: per-pair losses, shape (N,); the trainer optimises `losses.mean()`, so a loss that
+    couples the batch (kto_pair) still returns values whose mean is its batch loss.
+    `metrics`: detached scalar tensors (batch means) under STANDARD_METRICS plus loss-specific keys.
+    """
+
+    losses: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+class PairLoss(torch.nn.Module):
+    """Base class of every loss plugin; subclasses implement `compute`.
+
+    An `nn.Module` so that a loss with state (bco_pair's running reward mean) keeps it in buffers
+    that move with `.to(device)` and are saved with `state_dict()`; stateless losses pay nothing.
+
+    Class attributes a plugin declares (read by the trainer before anything is loaded):
+      name                set by `@register_loss`
+      summary             one line, shown by `pairopt losses`
+      requires_reference  whether `compute` needs the reference model's log-probs
+      Config              the pydantic model of its parameters (frozen, bounded, described)
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    # Not a ClassVar: a combination decides per instance (its terms), see losses/combined.py.
+    requires_reference: bool = False
+    Config: ClassVar[type[LossConfig]] = LossConfig
+
+    def __init__(self, config: LossConfig | None = None) -> None:
+        super().__init__()
+        if config is None:
+            config = self.Config()
+        elif not isinstance(config, self.Config):
+            raise TypeError(
+                f"{type(self).__name__} takes a {self.Config.__name__}, got {type(config).__name__}"
+            )
+        self.config: Any = config
+
+    def compute(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
+        """Per-pair losses (N,) and metrics. `reference` is None iff not `requires_reference`."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement compute(policy, reference)"
+        )
+
+    def forward(self, policy: PairLogps, reference: PairLogps | None = None) -> LossOutput:
+        """Check the inputs, cut the reference out of the graph, and call `compute`.
+
+        Half-precision log-probs are upcast to float32: sigmoids and squares of summed log-probs
+        lose too much in bf16 (sums reach -1e3 and bf16 keeps ~3 significant digits).
+        """
+        _check_logps(policy, "policy")
+        if self.requires_reference:
+            if reference is None:
+                raise PairoptError(
+                    f"loss {self.name or type(self).__name__!r} needs the reference model's log-probs, "
+                    "but none were given: configure a reference model (or precomputed reference log-probs)."
+                )
+            _check_logps(reference, "reference")
+            if len(reference) != len(policy):
+                raise ValueError(
+                    f"policy has {len(policy)} pairs but reference has {len(reference)}"
+                )
+            reference = _upcast(reference.detach())
+        else:
+            reference = None
+        out = self.compute(_upcast(policy), reference)
+        if out.losses.shape != (len(policy),):
+            raise RuntimeError(
+                f"loss {self.name!r} returned losses of shape {tuple(out.losses.shape)}; "
+                f"a loss must return one value per pair, shape ({len(policy)},)"
+            )
+        return out
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.config.model_dump().items())
+
+
+def _check_logps(logps: PairLogps, what: str) -> None:
+    shapes = {
+        tuple(t.shape)
+        for t in (
+            logps.chosen_logps,
+            logps.rejected_logps,
+            logps.chosen_tokens,
+            logps.rejected_tokens,
+        )
+    }
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        raise ValueError(f"{what} PairLogps fields must all have shape (N,), got {sorted(shapes)}")
+
+
+def _upcast(logps: PairLogps) -> PairLogps:
+    if logps.chosen_logps.dtype in (torch.float16, torch.bfloat16):
+        return PairLogps(
+            logps.chosen_logps.float(),
+            logps.rejected_logps.float(),
+            logps.chosen_tokens,
+            logps.rejected_tokens,
+        )
+    return logps
+
+
+# Helpers plugins share (kept here so every plugin reports the same metrics the same way)
+
+
+def average_logps(logps: PairLogps) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token averages A = S / n for chosen and rejected, each (N,); n clamped to >= 1."""
+    chosen_N = logps.chosen_logps / logps.chosen_tokens.clamp(min=1).to(logps.chosen_logps.dtype)
+    rejected_N = logps.rejected_logps / logps.rejected_tokens.clamp(min=1).to(
+        logps.rejected_logps.dtype
+    )
+    return chosen_N, rejected_N
+
+
+def reward_metrics(
+    policy: PairLogps, chosen_rewards_N: torch.Tensor, rejected_rewards_N: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The six standard metrics as detached batch means.
+
+    `logps/*` are the mean *summed* log-probs for every loss (reference-free losses included),
+    so charts of different losses are comparable.
+    """
+    chosen_N, rejected_N = chosen_rewards_N.detach(), rejected_rewards_N.detach()
+    return {
+        "rewards/chosen": chosen_N.mean(),
+        "rewards/rejected": rejected_N.mean(),
+        "rewards/accuracies": (chosen_N > rejected_N).to(chosen_N.dtype).mean(),
+        "rewards/margins": (chosen_N - rejected_N).mean(),
+        "logps/chosen": policy.chosen_logps.detach().mean(),
+        "logps/rejected": policy.rejected_logps.detach().mean(),
+    }
+
+
+@dataclass(frozen=True)
+class LogRatios:
+    """The policy's log-ratios to the reference, per pair (each property is (N,)).
+
+        chosen   = s_c = S_c − S_c^ref
+        rejected = s_r = S_r − S_r^ref
+        margin   = Δ   = s_c − s_r
+
+    `reference` is already detached (PairLoss.forward cuts it out of the graph).
+    """
+
+    policy: PairLogps
+    reference: PairLogps
+
+    @property
+    def chosen(self) -> torch.Tensor:
+        return self.policy.chosen_logps - self.reference.chosen_logps
+
+    @property
+    def rejected(self) -> torch.Tensor:
+        return self.policy.rejected_logps - self.reference.rejected_logps
+
+    @property
+    def margin(self) -> torch.Tensor:
+        return self.chosen - self.rejected
+
+    def per_token_margin(self) -> torch.Tensor:
+        """(A_c − A_c^ref) − (A_r − A_r^ref), (N,): the margin of per-token averages (IPO).
+
+        The reference's counts equal the policy's (the same response tokens)."""
+        avg_chosen_N, avg_rejected_N = average_logps(self.policy)
+        ref_chosen_N, ref_rejected_N = average_logps(self.reference)
+        return (avg_chosen_N - ref_chosen_N) - (avg_rejected_N - ref_rejected_N)
+
+    def rewards(self, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Implicit rewards β·s of chosen and rejected, each (N,), differentiable."""
+        return beta * self.chosen, beta * self.rejected
+
+    def metrics(self, beta: float) -> dict[str, torch.Tensor]:
+        """The standard metrics with DPO's implicit rewards β·s (detached)."""
+        return reward_metrics(self.policy, *self.rewards(beta))
+
+
+class ReferencePairLoss(PairLoss):
+    """Base of the losses written on the policy/reference log-ratios: implement `compute_ratios`.
+
+    `requires_reference` is True, so the trainer supplies reference log-probs, and `forward`
+    has already refused a missing reference before `compute` runs.
+    """
+
+    requires_reference = True
+
+    def compute(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
+        if reference is None:  # forward() refuses this first; direct callers get the same message
+            raise PairoptError(
+                f"loss {self.name or type(self).__name__!r} needs the reference model's log-probs"
+            )
+        return self.compute_ratios(LogRatios(policy, reference))
+
+    def compute_ratios(self, ratios: LogRatios) -> LossOutput:
+        """Per-pair losses (N,) and metrics from the log-ratios."""
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_ratios(ratios)")

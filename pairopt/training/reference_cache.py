@@ -1,0 +1,181 @@
+"""Precomputed reference log-probs: one pass over the splits, cached on disk.
+
+The cache file is keyed by what the numbers depend on: the reference's weights (hashed byte
+for byte), the tokenised data (hashed), the dtype and autocast, and `CACHE_VERSION`. A second
+run with the same model and data reads the file and never runs the reference model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pairopt.pairs import PairLogps, PreferencePair
+from pairopt.training.run_log import work_bar
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when the cached file's layout or the engine's numbers change
+
+# pairs of rows `indices` of split -> their reference log-probs (run without gradients)
+LogpsFn = Callable[[Sequence[PreferencePair]], PairLogps]
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of the config and every parameter and buffer, byte for byte.
+
+    Hashing the weights (not the name or path) keeps the key right for a local directory whose
+    weights changed, and for models built from a config under a seed. It reads every byte once:
+    ~1 s per GB, small next to the precomputation pass it guards.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        digest.update(config.to_json_string(use_diff=False).encode())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(dataset: Any) -> str:
+    """A hash of the token-id columns of a `datasets.Dataset`, row order included.
+
+    Reads the Arrow data in slices (no Python lists), so it is fast on large splits and right
+    for datasets that carry an indices mapping (a shuffled or split view).
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    columns = ("prompt_ids", "chosen_ids", "rejected_ids")
+    digest.update(f"{len(dataset)}".encode())
+    arrow = dataset.with_format("arrow")
+    for start in range(0, len(dataset), 8192):
+        table = arrow[start : start + 8192]
+        for column in columns:
+            array = table.column(column).combine_chunks()
+            digest.update(array.value_lengths().to_numpy(zero_copy_only=False).tobytes())
+            digest.update(array.flatten().to_numpy(zero_copy_only=False).tobytes())
+    return digest.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("PAIROPT_CACHE")
+    return Path(root) / "reference" if root else Path.home() / ".cache" / "pairopt" / "reference"
+
+
+def cache_key(model_fp: str, data_fps: dict[str, str], dtype: str) -> str:
+    """What the cached numbers depend on: weights, data, dtype/autocast and the engine version.
+
+    The engine options are left out on purpose: shared/unshared and packed/unpacked give the same
+    numbers (that is what the engine is tested for), so one cache serves every layout.
+    """
+    digest = hashlib.blake2b(digest_size=12)
+    parts = [
+        f"v{CACHE_VERSION}",
+        model_fp,
+        dtype,
+        *(f"{k}={v}" for k, v in sorted(data_fps.items())),
+    ]
+    digest.update("|".join(parts).encode())
+    return digest.hexdigest()
+
+
+def cache_path(cache_dir: Path, key: str) -> Path:
+    return cache_dir / f"ref-logps-{key}.pt"
+
+
+def read_cache(path: Path, splits: dict[str, Any]) -> dict[str, PairLogps] | None:
+    """The cached tables, or None when there is no file or it does not match the data."""
+    if not path.is_file():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    tables = {split: PairLogps(*saved[split]) for split in splits}
+    if all(len(tables[split]) == len(ds) for split, ds in splits.items()):
+        return tables
+    logger.warning("pairopt: reference cache %s does not match the data; recomputing", path)
+    return None
+
+
+def write_cache(path: Path, tables: dict[str, PairLogps]) -> None:
+    """Write atomically (a crashed write never leaves a half file a later run would read); a
+    failure (full disk, no permission) only warns: the run keeps the values in memory."""
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                split: (t.chosen_logps, t.rejected_logps, t.chosen_tokens, t.rejected_tokens)
+                for split, t in tables.items()
+            },
+            tmp,
+        )
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        with contextlib.suppress(OSError):  # a half-written file must not stay behind
+            tmp.unlink()
+        warnings.warn(
+            f"could not write the reference log-prob cache to {path} ({err}); this run uses "
+            "the values in memory and the next one will compute them again. Set "
+            "reference.cache_dir to a writable directory to keep them.",
+            stacklevel=2,
+        )
+
+
+def compute_tables(
+    logps: LogpsFn,
+    splits: dict[str, Any],
+    *,
+    rows_to_pairs: Callable[[dict[str, list[Any]]], list[PreferencePair]],
+    batch_size: int,
+    accelerator: Any,
+    progress: bool = False,
+) -> dict[str, PairLogps]:
+    """Reference log-probs of every row of every split, in row order. With several processes
+    each computes a strided share of the rows and every process gets all of them."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    tables = {}
+    batches = sum(
+        math.ceil(len(range(rank, len(ds), world)) / batch_size) for ds in splits.values()
+    )
+    bar = work_bar(progress and accelerator.is_main_process, batches, "reference log-probs")
+    with bar:
+        for split, dataset in splits.items():
+            rows: list[tuple[int, float, float, int, int]] = []
+            for batch in _chunks(list(range(rank, len(dataset), world)), batch_size):
+                out = logps(rows_to_pairs(dataset[batch])).to("cpu")
+                bar.update(1)
+                rows += zip(
+                    batch,
+                    out.chosen_logps.float().tolist(),
+                    out.rejected_logps.float().tolist(),
+                    out.chosen_tokens.tolist(),
+                    out.rejected_tokens.tolist(),
+                    strict=True,
+                )
+            if world > 1:
+                from accelerate.utils import gather_object
+
+                rows = gather_object(rows)
+            rows.sort()
+            tables[split] = PairLogps(
+                torch.tensor([r[1] for r in rows], dtype=torch.float32),
+                torch.tensor([r[2] for r in rows], dtype=torch.float32),
+                torch.tensor([r[3] for r in rows], dtype=torch.long),
+                torch.tensor([r[4] for r in rows], dtype=torch.long),
+            )
+    return tables
+
+
+def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
