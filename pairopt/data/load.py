@@ -186,47 +186,13 @@ def load_preference_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 0) -> P
     train, train_report = _tokenize_split(
         train_raw, cfg, tokenizer, data_format, where, cfg.train_split, "train"
     )
-    reports = [train_report]
-
-    eval_ds: datasets.Dataset | None = None
-    if cfg.eval_split is not None and cfg.eval_split in splits:
-        eval_raw = splits[cfg.eval_split]
-        if cfg.max_eval_samples is not None:
-            eval_raw = eval_raw.select(range(min(cfg.max_eval_samples, len(eval_raw))))
-        eval_format = detect_format(eval_raw, cfg, where, cfg.eval_split)
-        eval_ds, eval_report = _tokenize_split(
-            eval_raw, cfg, tokenizer, eval_format, where, cfg.eval_split, "eval"
-        )
-        reports.append(eval_report)
-        eval_source = f"split {cfg.eval_split!r}, {len(eval_ds)} pairs"
-    elif cfg.eval_fraction > 0 and len(train) > 0:  # none left: reported below, with why
-        held_out = math.ceil(cfg.eval_fraction * len(train))
-        if held_out >= len(train):
-            raise PairoptError(
-                f"eval_fraction={cfg.eval_fraction} of the {len(train)} usable training pairs "
-                f"would hold out {held_out} and leave none to train on. Lower data.eval_fraction, "
-                "or set data.eval_split to a split of held-out pairs."
-            )
-        held = train.train_test_split(test_size=cfg.eval_fraction, seed=seed)
-        train, eval_ds = held["train"], held["test"]
-        if cfg.max_eval_samples is not None:
-            eval_ds = eval_ds.select(range(min(cfg.max_eval_samples, len(eval_ds))))
-        missing = f"no split {cfg.eval_split!r}; " if cfg.eval_split is not None else ""
-        eval_source = f"{missing}{len(eval_ds)} pairs held out from train (eval_fraction={cfg.eval_fraction}, seed {seed})"
-    elif cfg.eval_split is not None:
-        others = [name for name in splits if name != cfg.train_split]
-        choose = f"--data.eval_split {others[0]}, or " if others else ""
-        eval_source = (
-            f"none (no split {cfg.eval_split!r}; splits present: {', '.join(splits)}; set "
-            f"{choose}--data.eval_fraction to hold out part of train)"
-        )
-    else:
-        eval_source = "none (eval_split is None)"
+    train, eval_ds, eval_report, eval_source = _eval_split(
+        splits, train, cfg, tokenizer, where, seed
+    )
+    reports = [train_report] + ([eval_report] if eval_report is not None else [])
 
     format_name = data_format.name
-    if (
-        data_format.implicit and cfg.format == "auto"
-    ):  # say why, in case the prompt column was misnamed
+    if data_format.implicit and cfg.format == "auto":  # say why: the column may be misnamed
         format_name += (
             f", because there is no {cfg.prompt_column!r} column: the shared beginning of "
             "chosen and rejected is the prompt; set data.prompt_column if another column holds it"
@@ -235,3 +201,55 @@ def load_preference_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 0) -> P
     if len(train) == 0:
         raise PairoptError(f"No usable training pairs are left. {report}")
     return PreferenceData(train=train, eval=eval_ds, report=report)
+
+
+def _eval_split(
+    splits: datasets.DatasetDict,
+    train: datasets.Dataset,
+    cfg: DataConfig,
+    tokenizer: Any,
+    where: str,
+    seed: int,
+) -> tuple[datasets.Dataset, datasets.Dataset | None, SplitReport | None, str]:
+    """(train, eval pairs, the eval split's report, a line saying where they came from): the
+    eval split tokenised, or a seeded fraction held out from `train` (no report of its own)."""
+    if cfg.eval_split is not None and cfg.eval_split in splits:
+        eval_raw = splits[cfg.eval_split]
+        if cfg.max_eval_samples is not None:
+            eval_raw = eval_raw.select(range(min(cfg.max_eval_samples, len(eval_raw))))
+        eval_format = detect_format(eval_raw, cfg, where, cfg.eval_split)
+        eval_ds, eval_report = _tokenize_split(
+            eval_raw, cfg, tokenizer, eval_format, where, cfg.eval_split, "eval"
+        )
+        return train, eval_ds, eval_report, f"split {cfg.eval_split!r}, {len(eval_ds)} pairs"
+    if cfg.eval_fraction > 0 and len(train) > 0:  # none left: reported by the caller, with why
+        held_out = math.ceil(cfg.eval_fraction * len(train))
+        if held_out >= len(train):
+            raise PairoptError(
+                f"eval_fraction={cfg.eval_fraction} of the {len(train)} usable training pairs "
+                f"would hold out {held_out} and leave none to train on. Lower data.eval_fraction, "
+                "or set data.eval_split to a split of held-out pairs."
+            )
+        held = train.train_test_split(test_size=cfg.eval_fraction, seed=seed)
+        eval_ds = held["test"]
+        if cfg.max_eval_samples is not None:
+            eval_ds = eval_ds.select(range(min(cfg.max_eval_samples, len(eval_ds))))
+        missing = f"no split {cfg.eval_split!r}; " if cfg.eval_split is not None else ""
+        return (
+            held["train"],
+            eval_ds,
+            None,
+            f"{missing}{len(eval_ds)} pairs held out from train "
+            f"(eval_fraction={cfg.eval_fraction}, seed {seed})",
+        )
+    if cfg.eval_split is not None:
+        others = [name for name in splits if name != cfg.train_split]
+        choose = f"--data.eval_split {others[0]}, or " if others else ""
+        return (
+            train,
+            None,
+            None,
+            f"none (no split {cfg.eval_split!r}; splits present: {', '.join(splits)}; set "
+            f"{choose}--data.eval_fraction to hold out part of train)",
+        )
+    return train, None, None, "none (eval_split is None)"

@@ -1,0 +1,10 @@
+"""Training: configs in, a fine-tuned transformers model directory out.
+
+Files: `config.py` (the sections of `TrainConfig`), `config_load.py` (dicts, YAML and the
+tiny-model preset -> a validated config), `flags.py` (`pairopt train` flags and --help),
+`models.py` (loading a causal LM; light), `policy.py` (the policy: tokenizer, dropout, LoRA,
+the module accelerate wraps), `reference.py` and `reference_cache.py` (the reference
+strategies, precomputed log-probs on disk), `schedule.py` (data order, optimiser, learning
+rate), `evaluation.py`, `run_log.py` (metrics, console, trackers), `checkpoint.py` (run
+directory, checkpoints, final save) and `trainer.py` (`setup`, `train_step`, `train`).
+"""
