@@ -5,7 +5,10 @@ Use it elsewhere:  pairopt losses --loss-module examples/custom_loss.py margin_d
                    pairopt train --loss margin_dpo --loss-module examples/custom_loss.py --loss.margin 0.5 ...
 
 The loss only sees per-pair log-probabilities (`pairopt.PairLogps`, tensors of shape (N,)), so it
-runs on the prefix-shared forward without knowing it exists.
+runs on the prefix-shared forward without knowing it exists. A loss on the policy/reference
+log-ratios subclasses `pairopt.ReferencePairLoss` and gets them ready-made (`ratios.chosen`,
+`ratios.rejected`, `ratios.margin`); any other loss subclasses `pairopt.PairLoss` and implements
+`compute(policy, reference)`.
 """
 
 from __future__ import annotations
@@ -14,15 +17,14 @@ import torch.nn.functional as F
 from pydantic import Field
 
 import pairopt
-from pairopt.loss import LossConfig, reward_metrics
+from pairopt.loss import LossConfig
 
 
 @pairopt.register_loss("margin_dpo")
-class MarginDPO(pairopt.PairLoss):
+class MarginDPO(pairopt.ReferencePairLoss):
     """DPO with a target margin m: −logσ(β·Δ − m), Δ = (S_c − S_c^ref) − (S_r − S_r^ref)."""
 
     summary = "DPO that keeps pushing until the reward margin exceeds m"
-    requires_reference = True
 
     class Config(LossConfig):
         beta: float = Field(0.1, gt=0, description="β: temperature on the log-ratio margin")
@@ -30,11 +32,9 @@ class MarginDPO(pairopt.PairLoss):
 
     config: Config
 
-    def compute(self, policy, reference):
-        chosen_N = self.config.beta * (policy.chosen_logps - reference.chosen_logps)
-        rejected_N = self.config.beta * (policy.rejected_logps - reference.rejected_logps)
-        losses_N = -F.logsigmoid(chosen_N - rejected_N - self.config.margin)
-        return pairopt.LossOutput(losses_N, reward_metrics(policy, chosen_N, rejected_N))
+    def compute_ratios(self, ratios):  # s_c, s_r and Δ = s_c − s_r, tensors (N,)
+        losses_N = -F.logsigmoid(self.config.beta * ratios.margin - self.config.margin)
+        return pairopt.LossOutput(losses_N, ratios.metrics(self.config.beta))
 
 
 def train(steps: int = 5) -> list[float]:

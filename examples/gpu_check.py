@@ -48,7 +48,9 @@ BUDGET_S = 7 * 60  # leave a minute of the 8 for start-up and the last section's
 STARTED = time.perf_counter()
 # --smoke runs every section on the CPU with a tiny model: it checks the script, not the GPU
 DEVICE, SHAPE, DTYPE = "cuda", bench_model.GPU_SHAPE, torch.bfloat16
-SMOKE_SHAPE = bench_model.ModelShape(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, vocab=128)
+SMOKE_SHAPE = bench_model.ModelShape(
+    hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, vocab=128
+)
 
 
 def elapsed() -> float:

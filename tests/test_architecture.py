@@ -197,3 +197,17 @@ def test_a_namespace_folder_named_losses_is_harmless(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "dpo" in done.stdout
+
+
+def test_the_python_api_example_runs(tmp_path: Path, capsys, monkeypatch) -> None:
+    """examples/train_api.py, on the shipped tiny model and data, a few steps."""
+    import importlib.util
+
+    monkeypatch.setenv("PAIROPT_CACHE", str(tmp_path / "cache"))
+    spec = importlib.util.spec_from_file_location("train_api", ROOT / "examples" / "train_api.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.main(steps=3, output_dir=str(tmp_path / "run"))
+    assert result.steps == 3 and result.final_eval is not None
+    assert "over 3 steps" in capsys.readouterr().out
