@@ -137,18 +137,26 @@ def set_implementation(model: nn.Module, backend: str) -> None:
         model.set_attn_implementation(name)  # type: ignore[operator]
 
 
-def model_inputs(model: nn.Module, layout: Layout, backend: str) -> dict[str, Any]:
-    """The keyword arguments that carry the mask rule into `model.base_model(...)`."""
+def model_inputs(
+    model: nn.Module, layout: Layout, backend: str, host: Layout | None = None
+) -> dict[str, Any]:
+    """The keyword arguments that carry the mask rule into `model.base_model(...)`.
+
+    `layout` is on the model's device; `host` is the same layout still on the CPU, where the
+    varlen plan is derived (Python over its ids): deriving it from device tensors would copy
+    them back and synchronise at every step. Dense masks and BlockMasks are built on the device.
+    """
     config: Any = model.config
     layer_types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
     if backend == "varlen":
-        plan = varlen_plan(layout).to(layout.input_ids.device)
+        plan = varlen_plan(host if host is not None else layout)
+        device = layout.input_ids.device
         # An empty 4D tensor: transformers returns any 4D mask unchanged, so it builds none
         # (the plan is the mask); the varlen function ignores it.
         empty = layout.input_ids.new_zeros((layout.shape[0], 1, 0, 0), dtype=torch.bool)
-        inputs = {"attention_mask": empty, "pairopt_varlen_plan": plan}
-        if plan.q_index.device.type == "cpu":
+        inputs = {"attention_mask": empty, "pairopt_varlen_plan": plan.to(device)}
+        if device.type == "cpu":
             inputs["pairopt_cpu_schedule"] = cpu_schedule(plan)
         return inputs
     if backend == "sdpa":

@@ -27,9 +27,12 @@ from pairopt.pairs import PairLogps, PreferencePair, ResponseGroup, ResponseLogp
 def forward_layout(
     model: nn.Module, layout: Layout, *, backend: str = "auto", chunk_size: int | None = None
 ) -> ResponseLogps:
-    """Run a prepared layout through the model; `backend` must be usable for the model."""
+    """Run a prepared layout through the model; `backend` must be usable for the model.
+
+    `layout` comes from `build_layout` on the CPU; it moves to the model's device here, after
+    anything derived on the host (the varlen plan) has been derived from the CPU copy."""
     device = next(model.parameters()).device
-    layout = layout.to(device)
+    host, layout = layout, layout.to(device)
     if unsupported_reason(model) is not None:
         # The classic computation for models that cannot take our masks: one response per
         # row, right-padded, the model's own causal mask from a 2D padding mask.
@@ -37,7 +40,7 @@ def forward_layout(
     else:
         backend = resolve_backend(model, backend)
         set_implementation(model, backend)
-        inputs = model_inputs(model, layout, backend)
+        inputs = model_inputs(model, layout, backend, host=host)
         inputs["position_ids"] = layout.position_ids
     backbone: Any = model.base_model
     out = backbone(input_ids=layout.input_ids, use_cache=False, **inputs)

@@ -12,8 +12,10 @@ others are tested against).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
+import logging
 from typing import Any
 
 import torch
@@ -24,10 +26,35 @@ from pairopt.engine.varlen_cpu import CpuSchedule, cpu_blocks_attention
 from pairopt.errors import PairoptError
 
 VARLEN_NAME = "pairopt_varlen"
+logger = logging.getLogger("pairopt")
 
 
+@functools.cache
 def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    """flash-attn is usable here: it imports and a tiny varlen call runs on this GPU.
+
+    Checked once per process. A broken install (built for another CUDA or torch) raises at
+    import or at its first call; found here, the varlen backend falls back to torch's kernel
+    instead of failing inside the model's forward.
+    """
+    if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
+        return False
+    try:
+        from flash_attn import flash_attn_varlen_func
+
+        q = torch.zeros(4, 1, 64, device="cuda", dtype=torch.bfloat16)
+        cu = torch.tensor([0, 4], device="cuda", dtype=torch.int32)
+        flash_attn_varlen_func(q, q, q, cu, cu, 4, 4, causal=True)
+        torch.cuda.synchronize()
+    except Exception as err:
+        logger.warning(
+            "pairopt: flash-attn is installed but cannot run here (%s: %s); the varlen backend "
+            "uses torch's kernels instead",
+            type(err).__name__,
+            err,
+        )
+        return False
+    return True
 
 
 def torch_varlen_available() -> bool:
