@@ -7,10 +7,12 @@ import warnings
 import pytest
 import torch
 import transformers
-from tiny_models import make_model, naive_logps, random_groups
+from tiny_models import FAMILIES, make_model, naive_logps, random_groups
 
 import pairopt
+from pairopt.engine import attention
 from pairopt.engine.compat import active_dropout
+from pairopt.engine.forward import compute_response_logps
 from pairopt.errors import PairoptError, UnsupportedModelError
 
 PAIRS = [pairopt.PreferencePair([1, 2, 3], [4, 5], [6])]
@@ -90,3 +92,39 @@ def test_flex_backward_on_cpu_refused_clearly():
 def test_unknown_backend():
     with pytest.raises(PairoptError, match="unknown backend 'fast'"):
         pairopt.compute_logps(make_model("llama"), PAIRS, backend="fast")
+
+
+def softcapped_gemma2() -> torch.nn.Module:
+    """A Gemma2 whose q/k weights are large enough that attention scores pass the softcap
+    (5.0): there dropping the softcap changes the log-probs."""
+    config, kwargs, _ = FAMILIES["gemma2"]
+    model = transformers.AutoModelForCausalLM.from_config(
+        getattr(transformers, config)(**kwargs), attn_implementation="eager"
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(60.0)
+            layer.self_attn.k_proj.weight.mul_(60.0)
+    return model.eval()
+
+
+def test_softcapped_gemma2_never_runs_sdpa_even_when_it_claims_support() -> None:
+    """transformers 5.0-5.20.2 declared Gemma2 `_supports_sdpa = True` while its sdpa path drops
+    the attention softcap; the backend is decided from the config instead."""
+    model = softcapped_gemma2()
+    model._supports_sdpa = True  # as in transformers 5.0-5.20.2
+    groups = random_groups([(9, 6, 7), (5, 8, 3)], seed=4)
+    expected = naive_logps(model, groups)  # eager: softcap applied
+    layers = [layer.self_attn for layer in model.model.layers]
+    for attn in layers:  # what those versions' sdpa path computed: no softcap
+        attn.attn_logit_softcapping = None
+    dropped = naive_logps(model, groups)
+    for attn in layers:
+        attn.attn_logit_softcapping = model.config.attn_logit_softcapping
+    assert (dropped - expected).abs().max() > 0.05  # the softcap matters for these weights
+    assert attention.auto_backend(model) == "eager"
+    got = compute_response_logps(model, groups)  # backend auto
+    torch.testing.assert_close(got.logps, expected, atol=1e-5, rtol=1e-6)
+    with pytest.raises(PairoptError, match=r"softcap 5 .*sdpa kernel cannot apply"):
+        compute_response_logps(model, groups, backend="sdpa")

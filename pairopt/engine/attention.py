@@ -60,11 +60,31 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def attention_softcap(model: nn.Module) -> float | None:
+    """The model's softcap on attention logits (s·tanh(scores / s)), read from its config.
+
+    Decided from the config, never from `_supports_sdpa`: Gemma2 declared `_supports_sdpa =
+    True` in transformers 5.0-5.20.2, and transformers' sdpa path silently drops the softcap
+    (log-probs 0.07-0.26 off the eager result on models with large q/k weights). Any config
+    field named like `attn..softcap..` (Gemma2/3's `attn_logit_softcapping`, T5Gemma,
+    VaultGemma) counts.
+    """
+    config: Any = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for source in {id(config): config, id(text): text}.values():
+        for name, value in vars(source).items():
+            if "attn" in name and "softcap" in name and isinstance(value, int | float) and value:
+                return float(value)
+    return None
+
+
 def _needs_emulation(model: nn.Module) -> bool:
     """True when the varlen path would fall back to the slow pure-torch emulation on the CPU:
     a softcap (Gemma2) or a sliding window in effect on some layer."""
     config: Any = model.config
-    if getattr(config, "attn_logit_softcapping", None) is not None:
+    if attention_softcap(model) is not None:
         return True
     if getattr(config, "sliding_window", None) is None:
         return False
@@ -82,13 +102,13 @@ def auto_backend(model: nn.Module) -> str:
       - the CPU without softcap or sliding window (one fused sdpa call per block; measured
         1.5-5x faster than the dense mask on packed rows, whose cost grows with L^2 however
         much of the row is masked).
-    Else flex on CUDA (block-sparse, compiled), else sdpa, else eager.
+    Else flex on CUDA (block-sparse, compiled), else sdpa, else eager. Never sdpa for a model
+    with an attention softcap (`attention_softcap`): the sdpa kernel cannot apply it.
     """
     device = _device(model)
     dtype = next(model.parameters()).dtype
     routed = getattr(model, "_supports_attention_backend", False)
-    config: Any = model.config
-    softcap = getattr(config, "attn_logit_softcapping", None) is not None
+    softcap = attention_softcap(model) is not None
     if device.type == "cuda":
         half = dtype in (torch.float16, torch.bfloat16)
         kernel = flash_attn_available() or (torch_varlen_available() and not softcap)
@@ -98,7 +118,7 @@ def auto_backend(model: nn.Module) -> str:
             return "flex"
     elif routed and not _needs_emulation(model):
         return "varlen"
-    return "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
+    return "sdpa" if getattr(model, "_supports_sdpa", False) and not softcap else "eager"
 
 
 def resolve_backend(model: nn.Module, backend: str) -> str:
@@ -116,6 +136,13 @@ def resolve_backend(model: nn.Module, backend: str) -> str:
         return chosen
     if backend == "sdpa" and not getattr(model, "_supports_sdpa", False):
         raise PairoptError(f"{type(model).__name__} has no sdpa attention: use backend='eager'.")
+    softcap = attention_softcap(model)
+    if backend == "sdpa" and softcap is not None:
+        raise PairoptError(
+            f"{type(model).__name__} caps its attention logits (softcap {softcap:g} in its "
+            "config), which the sdpa kernel cannot apply: its log-probs would be wrong. Use "
+            "backend='eager' (or 'flex' / 'varlen' on a GPU), or 'auto'."
+        )
     if backend == "flex":
         if not getattr(model, "_supports_flex_attn", False):
             raise PairoptError(f"{type(model).__name__} has no FlexAttention path: use 'sdpa'.")
