@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from pairopt.loss import LogRatios, LossConfig, LossOutput, ReferencePairLoss, register_loss
+from pairopt.loss import DivergenceConfig, LogRatios, LossOutput, ReferencePairLoss, register_loss
 
 
 def dpo_losses(beta: float, label_smoothing: float, margin_N: torch.Tensor) -> torch.Tensor:
@@ -33,6 +33,10 @@ class DPO(ReferencePairLoss):
     reference model's; β temperature (larger keeps the policy closer to the reference); ε the
     assumed probability that a preference label is flipped; σ the logistic sigmoid.
 
+    Divergence: `f_divergence` (f-DPO; TRL's f_divergence_type) replaces each log-ratio s
+    in the margin by f'(e^s) (pairopt.loss.base.divergence_score); the default reverse_kl is the
+    formula as written.
+
     Shapes: policy and reference PairLogps fields (N,) → losses (N,).
 
     Metrics: rewards = β·(S − S^ref), detached.
@@ -46,7 +50,7 @@ class DPO(ReferencePairLoss):
 
     summary = "Direct Preference Optimization; label_smoothing > 0 gives conservative DPO (cDPO)"
 
-    class Config(LossConfig):
+    class Config(DivergenceConfig):
         beta: float = Field(
             0.1, gt=0, description="β: temperature on the log-ratio margin (TRL default 0.1)"
         )

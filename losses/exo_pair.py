@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from pairopt.loss import LogRatios, LossConfig, LossOutput, ReferencePairLoss, register_loss
+from pairopt.loss import DivergenceConfig, LogRatios, LossOutput, ReferencePairLoss, register_loss
 
 
 @register_loss("exo_pair")
@@ -28,6 +28,10 @@ class EXOPair(ReferencePairLoss):
     reference's, c chosen, r rejected; β temperature; ε label smoothing (must be > 0, or log ε
     is −∞). The minimum, 0, is reached at βΔ = log((1 − ε)/ε).
 
+    Divergence: `f_divergence` (f-DPO; TRL's f_divergence_type) replaces each log-ratio s
+    in the margin by f'(e^s) (pairopt.loss.base.divergence_score); the default reverse_kl is the
+    formula as written.
+
     Shapes: policy and reference PairLogps fields (N,) → losses (N,).
 
     Metrics: rewards = β·(S − S^ref), detached.
@@ -41,7 +45,7 @@ class EXOPair(ReferencePairLoss):
 
     summary = "EXO: reverse KL between the policy's pair preference and a smoothed label"
 
-    class Config(LossConfig):
+    class Config(DivergenceConfig):
         beta: float = Field(0.1, gt=0, description="β: temperature on the log-ratio margin")
         label_smoothing: float = Field(
             1e-3, gt=0, lt=0.5, description="ε: the target puts 1 − ε on chosen and ε on rejected"

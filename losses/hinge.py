@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from pairopt.loss import LogRatios, LossConfig, LossOutput, ReferencePairLoss, register_loss
+from pairopt.loss import DivergenceConfig, LogRatios, LossOutput, ReferencePairLoss, register_loss
 
 
 @register_loss("hinge")
@@ -24,6 +24,10 @@ class Hinge(ReferencePairLoss):
     Symbols: S summed policy log-probs, S^ref the reference's, c chosen, r rejected; β scales the
     margin (1/β is the margin, in nats, beyond which a pair stops contributing).
 
+    Divergence: `f_divergence` (f-DPO; TRL's f_divergence_type) replaces each log-ratio s
+    in the margin by f'(e^s) (pairopt.loss.base.divergence_score); the default reverse_kl is the
+    formula as written.
+
     Shapes: policy and reference PairLogps fields (N,) → losses (N,).
 
     Metrics: rewards = β·(S − S^ref), detached.
@@ -35,7 +39,7 @@ class Hinge(ReferencePairLoss):
 
     summary = "Hinge loss max(0, 1 − βΔ) on the DPO margin (SLiC, RSO)"
 
-    class Config(LossConfig):
+    class Config(DivergenceConfig):
         beta: float = Field(0.1, gt=0, description="β: pairs with margin Δ > 1/β add no loss")
 
     config: Config

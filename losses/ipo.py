@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from pairopt.loss import LogRatios, LossConfig, LossOutput, ReferencePairLoss, register_loss
+from pairopt.loss import DivergenceConfig, LogRatios, LossOutput, ReferencePairLoss, register_loss
 
 
 @register_loss("ipo")
@@ -23,6 +23,10 @@ class IPO(ReferencePairLoss):
     (clamped to ≥ 1); c chosen, r rejected; β the regularisation strength (τ in the paper):
     smaller β asks for a larger margin 1/(2β).
 
+    Divergence: `f_divergence` (f-DPO; TRL's f_divergence_type) replaces each log-ratio s
+    in the margin by f'(e^s) (pairopt.loss.base.divergence_score); the default reverse_kl is the
+    formula as written.
+
     Shapes: policy and reference PairLogps fields (N,) → losses (N,).
 
     Metrics: rewards = β·(S − S^ref) on summed log-probs (as TRL logs them), detached.
@@ -38,7 +42,7 @@ class IPO(ReferencePairLoss):
         "Identity Preference Optimisation: squared loss pulling the per-token margin to 1/(2β)"
     )
 
-    class Config(LossConfig):
+    class Config(DivergenceConfig):
         beta: float = Field(
             0.1, gt=0, description="β (τ in the paper): the target per-token margin is 1/(2β)"
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from pydantic import Field
 
-from pairopt.loss import LogRatios, LossConfig, LossOutput, ReferencePairLoss, register_loss
+from pairopt.loss import DivergenceConfig, LogRatios, LossOutput, ReferencePairLoss, register_loss
 
 
 @register_loss("robust")
@@ -25,6 +25,10 @@ class Robust(ReferencePairLoss):
     flipped term enters with a plus sign, so the loss is an unbiased estimate of the clean-label DPO
     loss and can be negative.
 
+    Divergence: `f_divergence` (f-DPO; TRL's f_divergence_type) replaces each log-ratio s
+    in the margin by f'(e^s) (pairopt.loss.base.divergence_score); the default reverse_kl is the
+    formula as written.
+
     Shapes: policy and reference PairLogps fields (N,) → losses (N,).
 
     Metrics: rewards = β·(S − S^ref), detached.
@@ -38,7 +42,7 @@ class Robust(ReferencePairLoss):
 
     summary = "Robust DPO: DPO de-biased for labels flipped with probability ε"
 
-    class Config(LossConfig):
+    class Config(DivergenceConfig):
         beta: float = Field(0.1, gt=0, description="β: temperature on the log-ratio margin")
         label_smoothing: float = Field(
             0.1,

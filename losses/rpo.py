@@ -6,8 +6,8 @@ from pydantic import Field
 
 from losses.dpo import dpo_losses
 from pairopt.loss import (
+    DivergenceConfig,
     LogRatios,
-    LossConfig,
     LossOutput,
     ReferencePairLoss,
     average_logps,
@@ -30,6 +30,10 @@ class RPO(ReferencePairLoss):
     Symbols: S summed policy log-probs, S^ref the reference's, n a response's token count (clamped
     to ≥ 1), c chosen, r rejected; β temperature; ε label smoothing (as in `dpo`); α the NLL weight.
 
+    Divergence: `f_divergence` (f-DPO; TRL's f_divergence_type) replaces each log-ratio s
+    in the margin by f'(e^s) (pairopt.loss.base.divergence_score); the default reverse_kl is the
+    formula as written.
+
     Shapes: policy and reference PairLogps fields (N,) → losses (N,).
 
     Metrics: rewards = β·(S − S^ref), detached; `nll_loss` = mean(−S_c / n_c).
@@ -44,7 +48,7 @@ class RPO(ReferencePairLoss):
 
     summary = "RPO: DPO plus α × per-token NLL on the chosen response"
 
-    class Config(LossConfig):
+    class Config(DivergenceConfig):
         beta: float = Field(0.1, gt=0, description="β: temperature on the log-ratio margin")
         label_smoothing: float = Field(
             0.0, ge=0, lt=0.5, description="ε: label smoothing of the DPO term (cDPO)"

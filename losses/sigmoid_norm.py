@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from pydantic import Field
 
-from pairopt.loss import LogRatios, LossConfig, LossOutput, ReferencePairLoss, register_loss
+from pairopt.loss import DivergenceConfig, LogRatios, LossOutput, ReferencePairLoss, register_loss
 
 
 @register_loss("sigmoid_norm")
@@ -25,6 +25,10 @@ class SigmoidNorm(ReferencePairLoss):
     (clamped to ≥ 1), c chosen, r rejected; β temperature; σ the logistic sigmoid. Averaging removes
     DPO's pull towards longer chosen responses.
 
+    Divergence: `f_divergence` (f-DPO; TRL's f_divergence_type) replaces each log-ratio s
+    in the margin by f'(e^s) (pairopt.loss.base.divergence_score); the default reverse_kl is the
+    formula as written.
+
     Shapes: policy and reference PairLogps fields (N,) → losses (N,).
 
     Metrics: rewards = β·(S − S^ref) on summed log-probs (as TRL logs them), detached.
@@ -37,7 +41,7 @@ class SigmoidNorm(ReferencePairLoss):
 
     summary = "Length-normalised DPO: DPO on per-token averaged log-ratios (Tülu 3)"
 
-    class Config(LossConfig):
+    class Config(DivergenceConfig):
         beta: float = Field(
             5.0, gt=0, description="β: temperature on the per-token margin (Tülu 3 uses 5)"
         )

@@ -47,7 +47,7 @@ def test_naming_a_loss_shows_its_documentation(capsys):
     ):
         assert part in out
     with pytest.raises(
-        PairoptError, match=r"unknown loss 'nope'\. Registered losses: apo_down, apo_zero"
+        PairoptError, match=r"unknown loss 'nope'\. Registered losses: aot, aot_unpaired, apo_down"
     ):
         loss_table.main(["nope"])
 

@@ -13,6 +13,7 @@ Shared hand example (one pair) unless a test says otherwise:
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -136,6 +137,57 @@ def test_bco_pair_by_hand_and_running_shift():
     assert int(loss.num_batches) == 2
     state = loss.state_dict()  # the shift is checkpointed with the loss
     assert set(state) == {"reward_shift", "num_batches"}
+
+
+def test_aot_couples_the_batch_by_sorting():
+    """Two pairs: policy margins S_c − S_r = [4, −2], reference margins [1, 2].
+    aot: sorted [−2, 4] − sorted [1, 2] = δ [−3, 2]; β = 0.1:
+      −logσ(−0.3) = 0.854355, −logσ(0.2) = 0.598139 (per rank, not per pair).
+    aot_unpaired: s_c = [2, 1], s_r = [−1, 5]; sorted [1, 2] − sorted [−1, 5] = δ [2, −3]:
+      [0.598139, 0.854355]. One pair alone is DPO: δ = Δ = 3 → 0.554355."""
+    policy = logps([-10.0, -8.0], [-14.0, -6.0], [4, 3], [2, 3])
+    reference = logps([-12.0, -9.0], [-13.0, -11.0], [4, 3], [2, 3])
+    aot = make("aot")(policy, reference).losses
+    torch.testing.assert_close(aot, torch.tensor([0.854355, 0.598139]), rtol=1e-5, atol=1e-6)
+    unpaired = make("aot_unpaired")(policy, reference).losses
+    torch.testing.assert_close(unpaired, torch.tensor([0.598139, 0.854355]), rtol=1e-5, atol=1e-6)
+    close(value("aot"), 0.554355)
+    close(value("aot_unpaired"), 0.554355)
+
+
+def test_discopop_by_hand():
+    """z = βΔ = 0.3, τ = 0.05: m = σ(6) = 0.997527; (1 − m)·(−logσ(0.3)) + m·e^(−0.3)
+    = 0.002473·0.554355 + 0.997527·0.740818 = 0.740357. Very negative z: the logistic term
+    alone (m·e^(−z) → 0, never 0·∞)."""
+    close(value("discopop"), 0.740357)
+    policy = logps([-2000.0], [-10.0], [4], [2])
+    reference = logps([-10.0], [-10.0], [4], [2])  # z = 0.1·(−1990) = −199
+    close(value("discopop", policy, reference), 199.0)
+
+
+def test_f_divergences_by_hand():
+    """s_c = 2, s_r = −1 (β = 0.1), margin f(s_c) − f(s_r):
+    forward_kl f = 1 − e^(−s): 0.864665 + 1.718282 = 2.582947 → −logσ(0.258295) = 0.572316;
+    js_divergence f = log 2 + logσ(s): 0.566219 + 0.620115 = 1.186334 → 0.635589;
+    alpha_divergence, α = 0.5: f = 2(1 − e^(−s/2)): 1.264241 + 1.297443 = 2.561684 → 0.573243;
+    α = 1 and reverse_kl: plain DPO, 0.554355. IPO with forward_kl divides each score by its
+    count: 0.864665/4 + 1.718282/2 = 1.075307 → (1.075307 − 5)² = 15.403214."""
+    close(value("dpo", f_divergence="forward_kl"), 0.572316)
+    close(value("dpo", f_divergence="js_divergence"), 0.635589)
+    close(value("dpo", f_divergence="alpha_divergence", f_alpha=0.5), 0.573243)
+    close(value("dpo", f_divergence="alpha_divergence", f_alpha=1.0), 0.554355)
+    close(value("dpo", f_divergence="reverse_kl"), value("dpo"))
+    close(value("ipo", f_divergence="forward_kl"), 15.403214)
+
+
+def test_divergences_stay_finite_far_from_the_reference():
+    """forward_kl's e^(−s) at s = −5000 would overflow; the exponent is capped (at 80)."""
+    policy = logps([-6000.0], [-10.0], [4], [2], grad=True)
+    reference = logps([-1000.0], [-10.0], [4], [2])
+    for divergence in ("forward_kl", "alpha_divergence"):
+        out = make("dpo", f_divergence=divergence)(policy, reference)
+        out.losses.sum().backward()
+        assert torch.isfinite(out.losses).all() and torch.isfinite(policy.chosen_logps.grad).all()
 
 
 def test_sppo_hard_by_hand():
@@ -320,6 +372,21 @@ def _naive(name: str) -> Callable[..., torch.Tensor]:
         s_c, s_r, n_c, n_r = parts(p, r)
         return -_logsig(5.0 * (s_c / n_c - s_r / n_r))
 
+    def aot(p, r, paired=True):  # TRL 1.16 dpo_trainer.py: sort over the batch, then sigmoid
+        if paired:
+            a = torch.sort(p.chosen_logps - p.rejected_logps).values
+            b = torch.sort(r.chosen_logps - r.rejected_logps).values
+        else:
+            s_c, s_r, _, _ = parts(p, r)
+            a, b = torch.sort(s_c).values, torch.sort(s_r).values
+        return -_logsig(0.1 * (a - b))
+
+    def discopop(p, r):  # TRL: (1 − σ(z/τ))·(−logσ(z)) + σ(z/τ)·exp(−z)
+        s_c, s_r, _, _ = parts(p, r)
+        z = 0.1 * (s_c - s_r)
+        m = _sig(z / 0.05)
+        return (1 - m) * (-_logsig(z)) + m * torch.exp(-z)
+
     def bco_pair(p, r):  # eval mode with a fresh loss: δ = 0
         s_c, s_r, _, _ = parts(p, r)
         return -_logsig(0.1 * s_c) - _logsig(-0.1 * s_r)
@@ -344,6 +411,9 @@ def _naive(name: str) -> Callable[..., torch.Tensor]:
         "sigmoid_norm": sigmoid_norm,
         "rpo": lambda p, r: dpo(p, r) + sft(p, r),
         "kto_pair": kto_pair,
+        "aot": aot,
+        "aot_unpaired": lambda p, r: aot(p, r, paired=False),
+        "discopop": discopop,
         "orpo": orpo,
         "simpo": simpo,
         "cpo": lambda p, r: -_logsig(0.1 * (p.chosen_logps - p.rejected_logps)) + sft(p, r),
@@ -404,6 +474,45 @@ def test_gradient_matches_float64_reference(name):
             assert got is None or not got.any()
             continue
         assert got is not None
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
+def _f(s: torch.Tensor, divergence: str) -> torch.Tensor:
+    """TRL 1.16's scores (dpo_trainer.py, f_divergence_type), plain float64 ops."""
+    if divergence == "forward_kl":
+        return 1 - torch.exp(-s)
+    if divergence == "js_divergence":
+        return math.log(2) + _logsig(s)
+    return (torch.exp(-0.5 * s) - 1) / -0.5  # alpha_divergence, α = 0.5
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "js_divergence", "alpha_divergence"])
+@pytest.mark.parametrize("name", ["dpo", "ipo", "discopop"])
+def test_divergence_gradients_match_float64_rewrite(name, divergence):
+    """The margin f(s_c) − f(s_r) (per token for ipo: f(s_c)/n_c − f(s_r)/n_r) against a
+    float64 rewrite of TRL's definitions; values and gradients."""
+    policy32, reference32 = random_pairs(7, seed=4)
+    policy64, reference64 = random_pairs(7, seed=4, dtype=torch.float64)
+    p32, p64 = with_grad(policy32), with_grad(policy64)
+    out = make(name, f_divergence=divergence)(p32, reference32)
+    out.losses.mean().backward()
+    f_c = _f(p64.chosen_logps - reference64.chosen_logps, divergence)
+    f_r = _f(p64.rejected_logps - reference64.rejected_logps, divergence)
+    if name == "ipo":
+        n_c, n_r = p64.chosen_tokens.double(), p64.rejected_tokens.double()
+        expected = (f_c / n_c - f_r / n_r - 5.0) ** 2
+    elif name == "dpo":
+        expected = -_logsig(0.1 * (f_c - f_r))
+    else:
+        z = 0.1 * (f_c - f_r)
+        m = _sig(z / 0.05)
+        expected = (1 - m) * (-_logsig(z)) + m * torch.exp(-z)
+    expected.mean().backward()
+    torch.testing.assert_close(out.losses.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    for got, want in (
+        (p32.chosen_logps.grad, p64.chosen_logps.grad),
+        (p32.rejected_logps.grad, p64.rejected_logps.grad),
+    ):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
 
 
@@ -542,6 +651,8 @@ def test_builtin_docstrings_follow_style(name):
 
 def _out_of_range(field) -> list[Any]:
     values: list[Any] = []
+    if typing.get_origin(field.annotation) is typing.Literal:  # bounded by its choices
+        values.append("not_one_of_the_choices")
     for item in field.metadata:
         if isinstance(item, annotated_types.Gt):
             values.append(item.gt)
@@ -571,7 +682,7 @@ def test_config_rejects_out_of_range(name, field_name, bad):
         make(name, **{field_name: bad})
     message = str(info.value)
     assert f"{field_name}={bad!r}" in message
-    assert any(word in message for word in ("greater", "less", "at least")), message
+    assert any(word in message for word in ("greater", "less", "at least", "should be")), message
 
 
 def test_every_builtin_parameter_is_bounded():

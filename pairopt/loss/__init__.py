@@ -8,12 +8,14 @@ LossConfig, LossOutput, register_loss, reward_metrics`.
 
 from pairopt.loss.base import (
     STANDARD_METRICS,
+    DivergenceConfig,
     LogRatios,
     LossConfig,
     LossOutput,
     PairLoss,
     ReferencePairLoss,
     average_logps,
+    divergence_score,
     reward_metrics,
 )
 from pairopt.loss.registry import (
@@ -29,6 +31,7 @@ from pairopt.loss.registry import (
 __all__ = [
     "ENTRY_POINT_GROUP",
     "STANDARD_METRICS",
+    "DivergenceConfig",
     "LogRatios",
     "LossConfig",
     "LossOutput",
@@ -37,6 +40,7 @@ __all__ = [
     "available_losses",
     "average_logps",
     "build_loss",
+    "divergence_score",
     "get_loss_class",
     "load_loss_module",
     "register_loss",

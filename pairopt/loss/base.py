@@ -9,6 +9,8 @@ outside a plugin branches on its name: the trainer reads the declared class attr
 Losses on the policy/reference log-ratios (DPO and most of its family) subclass
 `ReferencePairLoss` and implement `compute_ratios(ratios)`: they receive a `LogRatios` with
 s = S − S^ref for chosen and rejected and the margin Δ = s_c − s_r, and write only their formula.
+Those whose Config subclasses `DivergenceConfig` accept f-DPO's divergences: their margin is then
+f'(π/π_ref) of chosen minus that of rejected (`divergence_score`).
 
 Symbols (docs/losses.md): S summed log-probs of a response, n its token count, A = S / n,
 c chosen, r rejected, s = S − S^ref, Δ = s_c − s_r, β a temperature.
@@ -16,11 +18,13 @@ c chosen, r rejected, s = S − S^ref, Δ = s_c − s_r, β a temperature.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 
 from pairopt.errors import PairoptError
 from pairopt.pairs import PairLogps
@@ -182,19 +186,70 @@ def reward_metrics(
     }
 
 
+Divergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
+# exp() of the alpha-divergence score is capped here (TRL 1.16 caps (α−1)·s at 80 for fp32 too)
+_EXP_CAP = 80.0
+
+
+def divergence_score(ratio: torch.Tensor, divergence: str, alpha: float) -> torch.Tensor:
+    """f'(t) at t = π/π_ref = e^s, the score f-DPO compares instead of the log-ratio s, (N,).
+
+        reverse_kl        s                          (plain DPO)
+        forward_kl        1 − e^(−s)                 f'(t) = 1 − 1/t
+        js_divergence     log 2 + logσ(s)            f'(t) = log(2t / (1 + t))
+        alpha_divergence  (e^((α−1)·s) − 1)/(α−1)    f'(t) = (t^(α−1) − 1)/(α−1); α → 1: s
+
+    Wang et al. 2023, https://arxiv.org/abs/2309.16240 , in TRL 1.16's parameterisation of α
+    (TRL's f_alpha_divergence_coef; the paper's α is 1 − this one: the two agree at 0.5).
+    The exponent is capped at 80 (TRL caps the α-divergence's; its forward_kl overflows to inf
+    when the policy falls far below the reference, which here stays finite).
+    """
+    if divergence == "reverse_kl":
+        return ratio
+    if divergence == "js_divergence":
+        return math.log(2.0) + F.logsigmoid(ratio)
+    if divergence == "forward_kl":
+        alpha = 0.0  # (t^(−1) − 1)/(−1) = 1 − 1/t
+    elif abs(alpha - 1.0) < 1e-6:
+        return ratio
+    exponent = ((alpha - 1.0) * ratio).clamp(max=_EXP_CAP)
+    return torch.expm1(exponent) / (alpha - 1.0)
+
+
+class DivergenceConfig(LossConfig):
+    """Config fields of the losses that accept f-DPO's choice of divergence (the DPO family
+    written on the margin Δ): the margin becomes f'(π/π_ref) of chosen minus that of rejected."""
+
+    f_divergence: Divergence = Field(
+        "reverse_kl",
+        description="f-divergence of the policy from the reference (f-DPO): reverse_kl is the "
+        "usual log-ratio; forward_kl, js_divergence, alpha_divergence (TRL's f_divergence_type)",
+    )
+    f_alpha: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="α of alpha_divergence in TRL's form (e^((α−1)s) − 1)/(α−1) (TRL's "
+        "f_alpha_divergence_coef; the f-DPO paper's α is 1 − this); 1 gives reverse_kl",
+    )
+
+
 @dataclass(frozen=True)
 class LogRatios:
     """The policy's log-ratios to the reference, per pair (each property is (N,)).
 
         chosen   = s_c = S_c − S_c^ref
         rejected = s_r = S_r − S_r^ref
-        margin   = Δ   = s_c − s_r
+        margin   = Δ   = f(s_c) − f(s_r), f the divergence score (`divergence_score`);
+                   with the default reverse_kl f(s) = s and Δ = s_c − s_r, DPO's margin
 
     `reference` is already detached (PairLoss.forward cuts it out of the graph).
     """
 
     policy: PairLogps
     reference: PairLogps
+    divergence: str = "reverse_kl"
+    alpha: float = 0.5
 
     @property
     def chosen(self) -> torch.Tensor:
@@ -206,23 +261,41 @@ class LogRatios:
 
     @property
     def margin(self) -> torch.Tensor:
-        return self.chosen - self.rejected
+        if self.divergence == "reverse_kl":
+            return self.chosen - self.rejected
+        return self._score(self.chosen) - self._score(self.rejected)
 
     def per_token_margin(self) -> torch.Tensor:
-        """(A_c − A_c^ref) − (A_r − A_r^ref), (N,): the margin of per-token averages (IPO).
+        """The margin of per-token values, (N,): (A_c − A_c^ref) − (A_r − A_r^ref) with
+        reverse_kl (IPO, sigmoid_norm), else f(s_c)/n_c − f(s_r)/n_r as TRL has it.
 
         The reference's counts equal the policy's (the same response tokens)."""
+        if self.divergence != "reverse_kl":
+            n_c, n_r = _counts(self.policy)
+            return self._score(self.chosen) / n_c - self._score(self.rejected) / n_r
         avg_chosen_N, avg_rejected_N = average_logps(self.policy)
         ref_chosen_N, ref_rejected_N = average_logps(self.reference)
         return (avg_chosen_N - ref_chosen_N) - (avg_rejected_N - ref_rejected_N)
 
     def rewards(self, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Implicit rewards β·s of chosen and rejected, each (N,), differentiable."""
+        """Implicit rewards β·s of chosen and rejected, each (N,), differentiable (whatever the
+        divergence: the metrics stay comparable, as in TRL)."""
         return beta * self.chosen, beta * self.rejected
 
     def metrics(self, beta: float) -> dict[str, torch.Tensor]:
         """The standard metrics with DPO's implicit rewards β·s (detached)."""
         return reward_metrics(self.policy, *self.rewards(beta))
+
+    def _score(self, ratio: torch.Tensor) -> torch.Tensor:
+        return divergence_score(ratio, self.divergence, self.alpha)
+
+
+def _counts(logps: PairLogps) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = logps.chosen_logps.dtype
+    return (
+        logps.chosen_tokens.clamp(min=1).to(dtype),
+        logps.rejected_tokens.clamp(min=1).to(dtype),
+    )
 
 
 class ReferencePairLoss(PairLoss):
@@ -239,7 +312,11 @@ class ReferencePairLoss(PairLoss):
             raise PairoptError(
                 f"loss {self.name or type(self).__name__!r} needs the reference model's log-probs"
             )
-        return self.compute_ratios(LogRatios(policy, reference))
+        if isinstance(self.config, DivergenceConfig):
+            ratios = LogRatios(policy, reference, self.config.f_divergence, self.config.f_alpha)
+        else:
+            ratios = LogRatios(policy, reference)
+        return self.compute_ratios(ratios)
 
     def compute_ratios(self, ratios: LogRatios) -> LossOutput:
         """Per-pair losses (N,) and metrics from the log-ratios."""
