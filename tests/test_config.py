@@ -90,8 +90,14 @@ def test_bare_boolean_flag_means_true() -> None:
 def test_loss_params_are_coerced_by_the_plugin_config() -> None:
     cfg = parse_train_args(
         ["--loss", "dpo", "--loss.beta", "0.25", "--loss.label_smoothing", "0.1"]
+        + ["--loss.f_divergence", "js_divergence"]
     )
-    assert cfg.loss.params == {"beta": 0.25, "label_smoothing": 0.1}
+    assert cfg.loss.params == {
+        "beta": 0.25,
+        "label_smoothing": 0.1,
+        "f_divergence": "js_divergence",
+        "f_alpha": 0.5,
+    }
     combined = parse_train_args(
         ["--loss", "combined", "--loss.terms", "[{name: dpo}, {name: sft, weight: 0.2}]"]
     )
@@ -210,7 +216,7 @@ def test_help_and_docs_cover_every_field() -> None:
     docs = (REPO / "docs" / "configuration.md").read_text()
     generated = config_reference_markdown()
     assert generated in docs, (
-        "docs/configuration.md is stale: python -m pairopt.flags > the reference part"
+        "docs/configuration.md is stale: python -m pairopt.training.flags > the reference part"
     )
 
 

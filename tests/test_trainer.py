@@ -363,3 +363,86 @@ def test_long_passes_show_progress(model_dir: Path, tmp_path: Path, capsys) -> N
     )
     err = capsys.readouterr().err
     assert "reference log-probs" in err and "eval at step 1" in err and "train" in err
+
+
+def test_logged_records_average_their_window(model_dir: Path, tmp_path: Path) -> None:
+    """logging.every 2 over 5 steps: records at steps 2, 4 and 5, each the pair-weighted mean of
+    its steps' metrics (TRL's logging_steps), with the last step's lr; history keeps every step."""
+    result = train(
+        tiny_config(
+            model_dir,
+            tmp_path / "out",
+            optim={"max_steps": 5, "schedule": "linear", "warmup_steps": 2},
+            logging={"every": 2},
+        )
+    )
+    assert len(result.history) == 5
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["split"] == "train"
+    ]
+    assert [r["step"] for r in records] == [2, 4, 5]
+    windows = [result.history[0:2], result.history[2:4], result.history[4:5]]
+    for record, steps in zip(records, windows, strict=True):
+        for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):
+            mean = sum(s[key] for s in steps) / len(steps)  # equal pairs per step: plain mean
+            assert record[key] == pytest.approx(mean, rel=1e-6, abs=1e-9), key
+        assert record["lr"] == steps[-1]["lr"] and record["window_steps"] == len(steps)
+    assert records[0]["lr"] != records[1]["lr"]  # warm-up then decay: the last step's rate
+
+
+def test_evaluation_and_checkpoints_every_epoch(model_dir: Path, tmp_path: Path) -> None:
+    """48 pairs in steps of 4: 12 steps an epoch; two epochs evaluate after step 12 and at the
+    end (24), and checkpoint after both."""
+    result = train(
+        tiny_config(
+            model_dir,
+            tmp_path / "out",
+            optim={"max_steps": None, "epochs": 2},
+            eval={"every_epoch": True},
+            checkpoint={"every_epoch": True, "keep_last": None},
+        )
+    )
+    assert result.steps == 24
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [12, 24]
+    saved = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    assert saved == ["step-000012", "step-000024"]
+
+
+def test_tr_dpo_sync_moves_the_reference_to_the_policy(model_dir: Path, tmp_path: Path) -> None:
+    """sync_alpha 1 copies the policy into the reference after steps 2 and 4: the step after a
+    sync starts with policy == reference, so its implicit rewards are exactly 0, as at step 1.
+    A checkpoint holds the synced reference: resuming after step 3 gives the same steps 4-6."""
+    common = {
+        "optim": {"max_steps": 6},
+        "reference": {"strategy": "copy", "sync_steps": 2, "sync_alpha": 1.0},
+    }
+    straight = train(
+        tiny_config(model_dir, tmp_path / "a", **common, checkpoint={"every": 3, "keep_last": None})
+    )
+    margins = [h["rewards/margins"] for h in straight.history]
+    assert margins[0] == margins[2] == margins[4] == 0.0
+    assert margins[1] != 0.0 and margins[3] != 0.0
+    resumed = train(
+        tiny_config(
+            model_dir,
+            tmp_path / "b",
+            **common,
+            checkpoint={"resume": str(tmp_path / "a" / "checkpoints" / "step-000003")},
+        )
+    )
+    assert [h["loss"] for h in resumed.history] == pytest.approx(
+        [h["loss"] for h in straight.history[3:]], rel=1e-6
+    )
+
+
+def test_tr_dpo_needs_a_live_reference(tmp_path: Path) -> None:
+    from pairopt.errors import PairoptError
+    from pairopt.training.config_load import validate_config
+
+    with pytest.raises(PairoptError, match="precomputed log-probs would go stale"):
+        validate_config(
+            {"loss": {"name": "dpo"}, "reference": {"strategy": "precompute", "sync_steps": 8}}
+        )

@@ -58,7 +58,7 @@ def tiny_config(model_dir: Path, output: Path, **sections: Any) -> TrainConfig:
         "data": {"max_samples": 48, "max_eval_samples": 16},
         "loss": {"name": "dpo"},
         "optim": {"lr": 1e-2, "batch_size": 4, "max_steps": 3, "seed": 0, "schedule": "constant"},
-        "logging": {"progress_bar": False},
+        "logging": {"progress_bar": False, "every": 1},  # a metrics.jsonl record per step
         "output": {"dir": str(output)},
     }
     return validate_config(deep_update(base, sections))

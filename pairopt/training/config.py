@@ -210,6 +210,20 @@ class ReferenceConfig(BaseModel):
         description="Where precomputed reference log-probs are cached; null = $PAIROPT_CACHE/reference "
         "or ~/.cache/pairopt/reference.",
     )
+    sync_steps: int | None = Field(
+        default=None,
+        gt=0,
+        description="TR-DPO: every this many optimiser steps, move the reference towards the "
+        "policy (TRL's sync_ref_model + ref_model_sync_steps); null = a fixed reference. Live "
+        "references only (copy), not precompute or adapter.",
+    )
+    sync_alpha: float = Field(
+        default=0.6,
+        gt=0,
+        le=1,
+        description="TR-DPO mixing weight α: reference <- (1 - α)·reference + α·policy at each "
+        "sync; 1 copies the policy (TRL's ref_model_mixup_alpha).",
+    )
 
 
 class OptimConfig(BaseModel):
@@ -292,6 +306,10 @@ class EvalConfig(BaseModel):
     every: int = Field(
         default=0, ge=0, description="Evaluate every this many steps; 0 = only at the end."
     )
+    every_epoch: bool = Field(
+        default=False,
+        description="Also evaluate at the end of every epoch (TRL's eval_strategy: epoch).",
+    )
     batch_size: int = Field(default=32, gt=0, description="Pairs per evaluation forward.")
     at_end: bool = Field(
         default=True, description="Evaluate after the last step (the held-out accuracy printed)."
@@ -303,7 +321,13 @@ class LoggingConfig(BaseModel):
 
     model_config = _SECTION
 
-    every: int = Field(default=10, gt=0, description="Log training metrics every this many steps.")
+    every: int = Field(
+        default=10,
+        gt=0,
+        description="Write one training record every this many steps (and at the last): the "
+        "pair-weighted mean of those steps' metrics, the last step's lr and grad_norm (TRL's "
+        "logging_steps). TrainResult.history keeps every step.",
+    )
     report_to: list[Tracker] = Field(
         default_factory=list,
         description=f"accelerate trackers to log to, any of {', '.join(TRACKERS)} (tensorboard "
@@ -321,6 +345,10 @@ class CheckpointConfig(BaseModel):
 
     every: int = Field(
         default=0, ge=0, description="Save a checkpoint every this many steps; 0 = never."
+    )
+    every_epoch: bool = Field(
+        default=False,
+        description="Also save a checkpoint at the end of every epoch (TRL's save_strategy: epoch).",
     )
     keep_last: int | None = Field(
         default=2, gt=0, description="Keep only the newest this many checkpoints; null = keep all."
@@ -383,6 +411,17 @@ class TrainConfig(BaseModel):
                 "reference.strategy 'adapter' needs a LoRA policy (set model.lora, e.g. --model.lora.r 16), "
                 "or use copy / precompute"
             )
+        if self.reference.sync_steps is not None:
+            strategy = self.reference.strategy
+            if strategy == "auto":
+                strategy = "adapter" if self.model.lora is not None else "copy"
+            if strategy != "copy":
+                raise ValueError(
+                    f"reference.sync_steps (TR-DPO) moves a live reference towards the policy; "
+                    f"the {strategy} reference cannot be moved (precomputed log-probs would go "
+                    "stale, a disabled adapter is the base model): set reference.strategy copy, "
+                    "or drop reference.sync_steps"
+                )
         if self.reference.strategy == "adapter" and self.reference.name_or_path is not None:
             raise ValueError(
                 "reference.name_or_path cannot be used with reference.strategy 'adapter'"

@@ -28,6 +28,7 @@ from torch import nn
 
 from pairopt.engine.compat import disable_dropout
 from pairopt.engine.forward import compute_logps
+from pairopt.errors import PairoptError
 from pairopt.pairs import PairLogps, PreferencePair
 from pairopt.training.config import ModelConfig, ReferenceConfig
 from pairopt.training.policy import load_model
@@ -69,6 +70,15 @@ class LiveReference:
     ) -> PairLogps:
         with torch.no_grad(), self.autocast():
             return compute_logps(self.model, pairs, **self.engine_kwargs)
+
+    @torch.no_grad()
+    def sync(self, policy: nn.Module, alpha: float) -> None:
+        """TR-DPO: reference <- (1 − α)·reference + α·policy, parameter by parameter (buffers
+        stay), in place. Gorbatovski et al. 2024, https://arxiv.org/abs/2404.09656"""
+        reference = dict(_unwrapped(self.model).named_parameters())
+        for name, param in policy.named_parameters():
+            target = reference[name]
+            target.mul_(1 - alpha).add_(param.detach().to(target.device, target.dtype), alpha=alpha)
 
 
 class AdapterReference:
@@ -167,7 +177,10 @@ def setup_reference(
         return model.requires_grad_(False).eval()
 
     if strategy == "copy":
-        model = place_reference(reference_model(), accelerator)
+        model = reference_model()
+        if cfg.sync_steps is not None:
+            check_syncable(model, policy)
+        model = place_reference(model, accelerator)
         source = cfg.name_or_path or "the policy's initial weights"
         return (
             LiveReference(model, engine_kwargs, accelerator.autocast),
@@ -218,6 +231,25 @@ def precompute_reference(
         write_cache(path, tables)
     accelerator.wait_for_everyone()
     return PrecomputedReference(tables, path, hit=False)
+
+
+def check_syncable(reference: nn.Module, policy: nn.Module) -> None:
+    """TR-DPO mixes parameters by name: the reference must have the policy's parameters."""
+    ours = {name: tuple(p.shape) for name, p in policy.named_parameters()}
+    theirs = {name: tuple(p.shape) for name, p in reference.named_parameters()}
+    if ours != theirs:
+        differ = sorted(set(ours) ^ set(theirs)) or [n for n in ours if ours[n] != theirs[n]]
+        raise PairoptError(
+            "reference.sync_steps (TR-DPO) mixes the policy's parameters into the reference's, "
+            f"but reference.name_or_path has other parameters ({', '.join(differ[:3])} ...): use "
+            "a reference of the policy's architecture, or drop reference.sync_steps."
+        )
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside a DDP / DeepSpeed wrapper (their `module`), or the model itself."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def place_reference(model: nn.Module, accelerator: Any) -> nn.Module:

@@ -82,6 +82,7 @@ class BatchPlan:
         self.group = group
         self.seed = seed
         self._cache: dict[int, list[list[list[int]]]] = {}
+        self._counts: dict[int, int] = {}  # steps of each epoch seen so far
 
     def epoch(self, epoch: int) -> list[list[list[int]]]:
         """The steps of one epoch: a list of steps, each a list of `group` micro-batches."""
@@ -115,7 +116,13 @@ class BatchPlan:
                     "or use more data."
                 )
             self._cache = {epoch: steps}  # one epoch at a time is all a run needs
+            self._counts[epoch] = len(steps)
         return self._cache[epoch]
+
+    def ends_epoch(self, step: int, epoch: int) -> bool:
+        """Whether step `step` (0-based, of epoch `epoch`) is the last step of its epoch."""
+        counts = [self._counts.get(e) or len(self.epoch(e)) for e in range(epoch + 1)]
+        return step + 1 == sum(counts)
 
     def steps_for_epochs(self, epochs: int) -> int:
         return sum(len(self.epoch(e)) for e in range(epochs))

@@ -65,6 +65,7 @@ from pairopt.training.reference import LazyAdapter, precompute_reference, setup_
 from pairopt.training.reference_cache import dataset_fingerprint
 from pairopt.training.run_log import (
     MetricsLog,
+    MetricsWindow,
     Printer,
     add_metric,
     global_means,
@@ -219,6 +220,9 @@ def setup(cfg: TrainConfig, *, quiet: bool = False) -> Run:
     plan, total_steps, wrapped, optimizer, scheduler = prepare(
         cfg, accelerator, policy, loss_fn, data
     )
+    if cfg.reference.sync_steps is not None and reference is not None:
+        # a synced reference is part of the run's state: resuming must not restart it
+        accelerator.register_for_checkpointing(reference.model)
     evaluator = Evaluator(
         wrapped,
         reference,
@@ -469,6 +473,7 @@ def run_steps(run: Run) -> tuple[list[dict[str, float]], list[dict[str, float]],
     history: list[dict[str, float]] = []
     evals: list[dict[str, float]] = []
     pairs_done = 0
+    window = MetricsWindow()
     log = MetricsLog(
         run.output / "metrics.jsonl",
         run.accelerator.is_main_process,
@@ -486,25 +491,43 @@ def run_steps(run: Run) -> tuple[list[dict[str, float]], list[dict[str, float]],
                 metrics = train_step(run, step, epoch, micro_batches)
                 done = step + 1
                 history.append(metrics)
-                pairs_done += sum(len(mb) for mb in micro_batches)
-                console = done % cfg.logging.every == 0 or done == run.total_steps
-                log.write(done, "train", metrics, console=console)
+                pairs = sum(len(mb) for mb in micro_batches)
+                pairs_done += pairs
+                window.add(metrics, pairs)
+                if done % cfg.logging.every == 0 or done == run.total_steps:
+                    log.write(done, "train", window.flush(), console=True)
                 bar.update(1)
                 bar.set_postfix(
                     loss=f"{metrics['loss']:.4f}",
                     acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}",
                     tok_s=f"{metrics['tokens_per_s']:.0f}",
                 )
-                if cfg.eval.every and done % cfg.eval.every == 0 and done < run.total_steps:
-                    _evaluate(run, done, log, evals, console=True)
-                if cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
-                    save_checkpoint(
-                        run.accelerator, run.output, done, run.train_fp, cfg.checkpoint, cfg.flat()
-                    )
+                after_step(run, done, run.plan.ends_epoch(step, epoch), log, evals)
         loop_s = time.perf_counter() - loop_started
         if cfg.eval.at_end:
             _evaluate(run, run.total_steps, log, evals, console=False)
     return history, evals, pairs_done / loop_s if loop_s > 0 else 0.0
+
+
+def after_step(
+    run: Run, done: int, epoch_end: bool, log: MetricsLog, evals: list[dict[str, float]]
+) -> None:
+    """What follows optimiser step `done` (1-based): the TR-DPO reference sync, evaluation and
+    checkpoints, every N steps and/or at the end of an epoch."""
+    cfg = run.cfg
+    sync = cfg.reference.sync_steps
+    if sync is not None and run.reference is not None and done % sync == 0:
+        policy = run.accelerator.unwrap_model(run.wrapped).model
+        run.reference.sync(policy, cfg.reference.sync_alpha)
+    last = done == run.total_steps
+    if not last and (
+        (cfg.eval.every and done % cfg.eval.every == 0) or (cfg.eval.every_epoch and epoch_end)
+    ):
+        _evaluate(run, done, log, evals, console=True)
+    if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or (
+        cfg.checkpoint.every_epoch and epoch_end
+    ):
+        save_checkpoint(run.accelerator, run.output, done, run.train_fp, cfg.checkpoint, cfg.flat())
 
 
 def _evaluate(
