@@ -89,8 +89,16 @@ def test_bare_boolean_flag_means_true() -> None:
 
 def test_loss_params_are_coerced_by_the_plugin_config() -> None:
     cfg = parse_train_args(
-        ["--loss", "dpo", "--loss.beta", "0.25", "--loss.label_smoothing", "0.1"]
-        + ["--loss.f_divergence", "js_divergence"]
+        [
+            "--loss",
+            "dpo",
+            "--loss.beta",
+            "0.25",
+            "--loss.label_smoothing",
+            "0.1",
+            "--loss.f_divergence",
+            "js_divergence",
+        ]
     )
     assert cfg.loss.params == {
         "beta": 0.25,

@@ -7,6 +7,7 @@ prompt = tok(prompt) (BOS first), response = tok(response, no special tokens) + 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,68 @@ def test_conversational_uses_chat_template_one_bos_one_eos(tmp_path: Path, tok: 
     )
     assert tok.decode(got["prompt_ids"] + got["rejected_ids"]) == tok.apply_chat_template(
         user + row["rejected"], tokenize=False
+    )
+
+
+def test_prompt_and_response_are_tokenised_as_running_text(tmp_path: Path, tok: Any) -> None:
+    """D1: a prompt ending in a space. Apart, "... Answer: " ends in a lone 'Ġ' token and the
+    response starts "the" without its space, a split the tokenizer never makes in running
+    text; joined, the boundary moves before that space: the prompt ends at ':' and the
+    responses start with 'Ġthe', exactly the ids of " the knives." (as TRL tokenises)."""
+    rows = [
+        {"prompt": "What is in the kitchen? Answer: ", "chosen": "the knives.", "rejected": "no."},
+        {"prompt": "What is in the lake?", "chosen": " The swans.", "rejected": " Nothing."},
+    ]
+    data = load(write_jsonl(tmp_path / "d.jsonl", rows), tok)
+    first, second = data.train[0], data.train[1]
+    assert ids(tok, "What is in the kitchen? Answer: ", special=True)[-1] == ids(tok, " ")[0]
+    assert first["prompt_ids"] == ids(tok, "What is in the kitchen? Answer:", special=True)
+    assert first["chosen_ids"] == [*ids(tok, " the knives."), tok.eos_token_id]
+    assert first["rejected_ids"] == [*ids(tok, " no."), tok.eos_token_id]
+    assert second == expected_row(tok, **rows[1])  # nothing to move: the same ids as apart
+    assert data.report.splits[0].resplit == 1
+    assert "1 re-split" in str(data.report)
+
+
+def _with_template(tok: Any, template: str, *special: str) -> Any:
+    other = copy.deepcopy(tok)
+    if special:
+        other.add_special_tokens({"additional_special_tokens": list(special)})
+    other.chat_template = template
+    return other
+
+
+CONVERSATION = {
+    "prompt": [{"role": "user", "content": "Tell me about the garden."}],
+    "chosen": [{"role": "assistant", "content": "It is green."}],
+    "rejected": [{"role": "assistant", "content": "Whatever."}],
+}
+
+
+def test_conversations_follow_the_template_bos_and_end_marker(tmp_path: Path, tok: Any) -> None:
+    """D2: what the template renders is what the model sees. A template that writes no BOS
+    gets none added; one that writes no end marker after an assistant message gets EOS; one
+    that closes the turn with its own special token keeps it and gets no EOS."""
+    bare = _with_template(
+        tok,
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}",
+    )
+    got = load(write_jsonl(tmp_path / "a.jsonl", [CONVERSATION]), bare).train[0]
+    assert got["prompt_ids"] == ids(bare, "user: Tell me about the garden.\nassistant:")
+    assert tok.bos_token_id not in got["prompt_ids"]
+    assert got["chosen_ids"] == [*ids(bare, " It is green.\n"), tok.eos_token_id]
+    marked = _with_template(
+        tok,
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}",
+        "<|end|>",
+    )
+    got = load(write_jsonl(tmp_path / "b.jsonl", [CONVERSATION]), marked).train[0]
+    end = marked.convert_tokens_to_ids("<|end|>")
+    assert got["chosen_ids"][-1] == end and tok.eos_token_id not in got["chosen_ids"]
+    assert marked.decode(got["prompt_ids"] + got["chosen_ids"]) == marked.apply_chat_template(
+        CONVERSATION["prompt"] + CONVERSATION["chosen"], tokenize=False
     )
 
 

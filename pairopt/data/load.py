@@ -150,6 +150,7 @@ def _tokenize_split(
         rows_kept=ok,
         prompts_truncated=sum(prompt_cut),
         responses_truncated=sum(response_cut),
+        resplit=sum(kept["_resplit"]),
         truncated=sum(p or r for p, r in zip(prompt_cut, response_cut, strict=True)),
         dropped={s.split(":", 1)[1]: n for s, n in statuses.items() if s.startswith("drop:")},
         skipped={s.split(":", 1)[1]: n for s, n in statuses.items() if s.startswith("skip:")},

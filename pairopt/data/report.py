@@ -16,6 +16,7 @@ class SplitReport:
     prompts_truncated: int  # kept rows whose prompt was cut
     responses_truncated: int  # kept rows with at least one response cut
     truncated: int  # kept rows with anything cut
+    resplit: int = 0  # kept rows whose prompt/response boundary moved (rows.RowTokenizer.tokenize)
     dropped: dict[str, int] = field(default_factory=dict)  # DROP_REASONS
     skipped: dict[str, int] = field(default_factory=dict)  # BAD_ROW_REASONS
 
@@ -25,6 +26,11 @@ class SplitReport:
             parts.append(
                 f"{self.truncated} truncated ({self.prompts_truncated} prompts, "
                 f"{self.responses_truncated} with a response cut)"
+            )
+        if self.resplit:
+            parts.append(
+                f"{self.resplit} re-split (prompt and response join into other tokens than "
+                "apart: the response starts where running text puts it)"
             )
         if self.dropped:
             parts.append(f"{sum(self.dropped.values())} dropped ({_reasons(self.dropped)})")

@@ -39,7 +39,7 @@ DROP_REASONS = {"no_room_for_response": "the prompt fills max_length, no room fo
 # object by its pickled state and its class by name, so without this an edit to this file
 # would keep serving results cached by the old code.
 CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
-STATUS_COLUMNS = ["_status", "_prompt_truncated", "_response_truncated"]
+STATUS_COLUMNS = ["_status", "_prompt_truncated", "_response_truncated", "_resplit"]
 OUTPUT_FEATURES = datasets.Features(
     {
         "prompt_ids": datasets.List(datasets.Value("int32")),
@@ -48,6 +48,7 @@ OUTPUT_FEATURES = datasets.Features(
         "_status": datasets.Value("string"),  # "" ok, "skip:<reason>" or "drop:<reason>"
         "_prompt_truncated": datasets.Value("bool"),
         "_response_truncated": datasets.Value("bool"),
+        "_resplit": datasets.Value("bool"),  # the prompt/response boundary moved (see tokenize)
     }
 )
 
@@ -142,6 +143,7 @@ class RowTokenizer:
         self.bos_id: int | None = tokenizer.bos_token_id
         self.eos_id: int = tokenizer.eos_token_id
         self.code_version = CODE_VERSION
+        self.closes_turns = data_format.messages and self._template_closes_turns()
 
     # -- texts of one row ---------------------------------------------------------------------
 
@@ -211,7 +213,60 @@ class RowTokenizer:
             self._continuation(prompt_text, prompt, rejected, cfg.rejected_column),
         )
 
+    def _template_closes_turns(self) -> bool:
+        """Whether the chat template ends an assistant message with a special token (its end
+        marker: EOS, <|im_end|>, <|eot_id|>, ...). If it does, a response keeps what the template
+        renders; if not, EOS is appended, so the model learns to stop."""
+        probe = "pairopt probe response"
+        try:
+            text = self._render(
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
+                generation_prompt=False,
+            )
+        except BadRow:  # a template that refuses the probe: rows report their own failures
+            return False
+        after = text.rsplit(probe, 1)[-1]
+        return any(token and token in after for token in self.tokenizer.all_special_tokens)
+
     # -- token ids ----------------------------------------------------------------------------
+
+    def tokenize(
+        self, prompts: list[str], chosens: list[str], rejecteds: list[str]
+    ) -> list[tuple[list[int], list[int], list[int], bool]]:
+        """(prompt, chosen, rejected) ids of each row, and whether its boundary moved.
+
+        Tokenised as running text, as TRL does: the prompt alone, and prompt + response joined;
+        the responses start where either joined text's ids depart from the prompt's. A prompt
+        ending in whitespace ("... Answer: ") or a tokenizer that merges across the boundary then
+        gives the tokens the model reads in running text, not a split it never produces; the
+        prompt ids are shared by both responses. `moved`: the ids differ from tokenising prompt
+        and responses apart (counted in the data report).
+
+        Standard text takes the tokenizer's special tokens (its BOS); rendered conversations take
+        none: the chat template writes what the model sees at inference.
+        """
+        special = not self.data_format.messages
+
+        def ids(texts: list[str], add: bool = special) -> list[list[int]]:
+            return self.tokenizer(texts, add_special_tokens=add, verbose=False)["input_ids"]
+
+        alone = ids(prompts)
+        with_chosen = ids([p + c for p, c in zip(prompts, chosens, strict=True)])
+        with_rejected = ids([p + r for p, r in zip(prompts, rejecteds, strict=True)])
+        apart_chosen, apart_rejected = ids(chosens, add=False), ids(rejecteds, add=False)
+        rows = []
+        for j, prompt in enumerate(alone):
+            cut = min(_shared(prompt, with_chosen[j]), _shared(prompt, with_rejected[j]))
+            p = self.prompt_ids(prompt[:cut], prompts[j])
+            c = self.response_ids(with_chosen[j][cut:], chosens[j])
+            r = self.response_ids(with_rejected[j][cut:], rejecteds[j])
+            apart = (
+                self.prompt_ids(prompt, prompts[j]),
+                self.response_ids(apart_chosen[j], chosens[j]),
+                self.response_ids(apart_rejected[j], rejecteds[j]),
+            )
+            rows.append((p, c, r, (p, c, r) != apart))
+        return rows
 
     def prompt_ids(self, ids: list[int], text: str) -> list[int]:
         # A chat template that writes BOS itself, tokenised with special tokens, gives BOS twice.
@@ -221,8 +276,11 @@ class RowTokenizer:
         return ids
 
     def response_ids(self, ids: list[int], text: str) -> list[int]:
-        # Absent means: not the last token, and the text does not end with EOS (a chat template
-        # may close the turn with EOS and then write a newline; no second EOS after that).
+        # A conversation's response keeps the template's end marker (see _template_closes_turns).
+        # Else EOS is added when absent: not the last token, and the text does not end with EOS
+        # (a template may close the turn with EOS and then write a newline; no second EOS then).
+        if self.closes_turns:
+            return ids
         eos = self.tokenizer.eos_token
         if (ids and ids[-1] == self.eos_id) or (eos and text.rstrip().endswith(eos)):
             return ids
@@ -266,6 +324,7 @@ class RowTokenizer:
         out["_status"] = [""] * n
         out["_prompt_truncated"] = [False] * n
         out["_response_truncated"] = [False] * n
+        out["_resplit"] = [False] * n
         good, texts = [], []
         for i, index in enumerate(indices):
             try:
@@ -278,20 +337,16 @@ class RowTokenizer:
         if not good:
             return out
         prompts, chosens, rejecteds = (list(column) for column in zip(*texts, strict=True))
-        tok = self.tokenizer
-        prompt_ids = tok(prompts, add_special_tokens=True, verbose=False)["input_ids"]
-        chosen_ids = tok(chosens, add_special_tokens=False, verbose=False)["input_ids"]
-        rejected_ids = tok(rejecteds, add_special_tokens=False, verbose=False)["input_ids"]
-        for j, i in enumerate(good):
-            p = self.prompt_ids(prompt_ids[j], prompts[j])
+        for (p, c, r, moved), i in zip(
+            self.tokenize(prompts, chosens, rejecteds), good, strict=True
+        ):
             if not p:
                 empty = BadRow("empty_prompt", "the prompt is empty and the tokenizer adds no BOS")
                 if self.cfg.on_bad_row == "error":
                     raise self.fail(indices[i], empty)
                 out["_status"][i] = f"skip:{empty.reason}"
                 continue
-            c = self.response_ids(chosen_ids[j], chosens[j])
-            r = self.response_ids(rejected_ids[j], rejecteds[j])
+            out["_resplit"][i] = moved
             p, c, r, prompt_cut, response_cut, drop = self.truncate(p, c, r)
             if drop:
                 out["_status"][i] = "drop:no_room_for_response"
@@ -299,3 +354,13 @@ class RowTokenizer:
             out["prompt_ids"][i], out["chosen_ids"][i], out["rejected_ids"][i] = p, c, r
             out["_prompt_truncated"][i], out["_response_truncated"][i] = prompt_cut, response_cut
         return out
+
+
+def _shared(a: list[int], b: list[int]) -> int:
+    """The length of the common prefix of two id lists."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
