@@ -446,3 +446,41 @@ def test_tr_dpo_needs_a_live_reference(tmp_path: Path) -> None:
         validate_config(
             {"loss": {"name": "dpo"}, "reference": {"strategy": "precompute", "sync_steps": 8}}
         )
+
+
+def test_dpo_with_reverse_kl_is_plain_dpo_over_20_steps(
+    model_dir: Path, tmp_path: Path, registry
+) -> None:
+    """The f-divergence path with reverse_kl against DPO written out by hand in a plain PairLoss
+    (no LogRatios, no divergence code): the same 20-step trajectory, to the last bit."""
+    import torch.nn.functional as F
+
+    from pairopt.loss import LossConfig, LossOutput, PairLoss, register_loss, reward_metrics
+
+    @register_loss("hand_written_dpo")
+    class HandWrittenDPO(PairLoss):
+        requires_reference = True
+
+        class Config(LossConfig):
+            pass
+
+        def compute(self, policy, reference):
+            chosen = policy.chosen_logps - reference.chosen_logps
+            rejected = policy.rejected_logps - reference.rejected_logps
+            losses = -F.logsigmoid(0.1 * (chosen - rejected))
+            return LossOutput(losses, reward_metrics(policy, 0.1 * chosen, 0.1 * rejected))
+
+    common = {"optim": {"max_steps": 20, "lr": 1e-2}, "reference": {"strategy": "copy"}}
+    divergence = train(
+        tiny_config(
+            model_dir,
+            tmp_path / "a",
+            loss={"name": "dpo", "f_divergence": "reverse_kl"},
+            **common,
+        )
+    )
+    by_hand = train(
+        tiny_config(model_dir, tmp_path / "b", loss={"name": "hand_written_dpo"}, **common)
+    )
+    assert [h["loss"] for h in divergence.history] == [h["loss"] for h in by_hand.history]
+    assert len(divergence.history) == 20
