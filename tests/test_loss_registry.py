@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILTIN_NAMES = {
     "dpo", "ipo", "orpo", "simpo", "kto_pair", "hinge", "robust", "cpo", "bco_pair", "nca_pair",
     "exo_pair", "sppo_hard", "apo_zero", "apo_down", "sigmoid_norm", "rpo", "sft", "combined",
+    "aot", "aot_unpaired", "discopop",
 }  # fmt: skip
 
 POLICY = PairLogps(
@@ -146,7 +147,7 @@ def test_bad_parameters_name_field_value_and_bound():
         pairopt.build_loss("dpo", beta="big")
     with pytest.raises(
         PairoptError,
-        match=r"unknown parameter 'betta' \(parameters of 'dpo': beta, label_smoothing\)",
+        match=r"unknown parameter 'betta' \(parameters of 'dpo': f_divergence, f_alpha, beta, label_smoothing\)",
     ):
         pairopt.build_loss("dpo", betta=0.1)
     with pytest.raises(PairoptError, match=r"missing required parameter 'terms'"):
