@@ -16,6 +16,8 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 BUILTIN_PREFIX = "builtin:"
 # data file suffix -> the `datasets` packaged builder that reads it
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+# a saved tokenizer has at least one of these (transformers 5.0 "loads" an empty folder)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def available_builtins() -> list[str]:

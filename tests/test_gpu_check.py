@@ -76,6 +76,7 @@ def run_check(tmp_path: Path, *args: str, bare: bool = False) -> tuple[int, str,
     return done.returncode, done.stdout, report
 
 
+@pytest.mark.slow  # the script in subprocesses: ~40 s each
 def test_smoke_runs_on_a_bare_machine(tmp_path: Path) -> None:
     """Without pairopt installed (the script puts the repository on sys.path itself) and
     without pydantic, datasets, flash-attn or matplotlib."""
@@ -106,6 +107,7 @@ def test_smoke_runs_on_a_bare_machine(tmp_path: Path) -> None:
     assert any(line.strip().startswith("flex shared-packed (forward)") for line in summary)
 
 
+@pytest.mark.slow  # the script in subprocesses: ~40 s each
 def test_a_failing_section_keeps_the_others_and_fails_the_run(tmp_path: Path) -> None:
     code, output, report = run_check(
         tmp_path, "--sections", "exactness,backends", "--fail", "exactness"
@@ -118,6 +120,7 @@ def test_a_failing_section_keeps_the_others_and_fails_the_run(tmp_path: Path) ->
     assert "verdict: FAIL" in output and "exactness: error" in output
 
 
+@pytest.mark.slow  # the script in subprocesses: ~40 s each
 def test_a_hanging_floor_is_stopped_and_no_row_passes_without_it(tmp_path: Path) -> None:
     """The watchdog stops the hanging item and the section goes on; without the unshared sdpa
     floor no backend can pass against itself."""

@@ -13,6 +13,7 @@ import torch
 
 from pairopt.bench.model import ModelShape
 from pairopt.errors import PairoptError
+from pairopt.sources import TOKENIZER_FILES
 
 
 def read_text(path: Path, option: str) -> str:
@@ -28,13 +29,19 @@ def read_text(path: Path, option: str) -> str:
 
 
 def check_tokenizer_dir(path: str) -> None:
-    """--tokenizer names a local directory (the bench never downloads)."""
+    """--tokenizer names a local directory holding a saved tokenizer (the bench never downloads)."""
     if not Path(path).is_dir():
         what = "is a file, not a directory" if Path(path).exists() else "does not exist"
         raise PairoptError(
             f"--tokenizer {path}: the local tokenizer directory {what}. Give the directory "
             "of a saved tokenizer (tokenizer.json / tokenizer_config.json), or store token-id "
             "lists in --data."
+        )
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise PairoptError(
+            f"--tokenizer {path}: transformers cannot load a tokenizer from this directory: it "
+            f"holds none of {', '.join(TOKENIZER_FILES)}. Save one there with "
+            "tokenizer.save_pretrained(dir), or store token-id lists in --data."
         )
 
 

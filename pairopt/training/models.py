@@ -14,9 +14,7 @@ import torch
 from torch import nn
 
 from pairopt.errors import PairoptError
-from pairopt.sources import BUILTIN_PREFIX, looks_like_path, resolve_path
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+from pairopt.sources import BUILTIN_PREFIX, TOKENIZER_FILES, looks_like_path, resolve_path
 
 
 def check_model_source(name_or_path: str, *, tokenizer: bool = False) -> None:
