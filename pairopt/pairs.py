@@ -51,10 +51,94 @@ class PreferencePair:
 
 @dataclass(frozen=True)
 class ResponseGroup:
-    """The general case: one prompt with k >= 2 responses (branch i = responses[i - 1])."""
+    """The general case: one prompt with k responses (branch i = responses[i - 1]).
+
+    Groups of one call may have different sizes; `GroupLogps` holds their log-probs flat.
+    """
 
     prompt: Sequence[int]
     responses: Sequence[Sequence[int]]
+
+
+@dataclass
+class GroupLogps:
+    """Summed log-probs and token counts of every response of groups of any sizes, flat.
+
+    `logps` (R,) float and `tokens` (R,) long, one entry per response, the groups one after
+    another; `offsets` (G + 1,) long: group g's responses are `logps[offsets[g]:offsets[g + 1]]`.
+    A response in several pairs is here once; `pairs` indexes it into each of them, so its
+    gradient accumulates through autograd. Naive equivalent of `pairs(c, r)`: one forward per
+    pair, the chosen and rejected response computed again for every pair they are in.
+    """
+
+    logps: torch.Tensor
+    tokens: torch.Tensor
+    offsets: torch.Tensor
+
+    @property
+    def sizes(self) -> list[int]:
+        """Responses per group, k_g."""
+        return self.offsets.diff().tolist()
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.offsets.shape[0]) - 1
+
+    def pairs(self, chosen: torch.Tensor, rejected: torch.Tensor) -> PairLogps:
+        """PairLogps (N,) of the responses at flat indices `chosen` (N,) and `rejected` (N,)."""
+        return PairLogps(
+            self.logps[chosen], self.logps[rejected], self.tokens[chosen], self.tokens[rejected]
+        )
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logps, tokens, mask), each (G, K) with K = the largest group; padding is 0 / False."""
+        sizes = self.offsets.diff()
+        K = int(sizes.max()) if sizes.numel() else 0
+        mask_GK = torch.arange(K, device=sizes.device)[None, :] < sizes[:, None]
+        logps_GK = self.logps.new_zeros(len(sizes), K).masked_scatter(mask_GK, self.logps)
+        tokens_GK = self.tokens.new_zeros(len(sizes), K).masked_scatter(mask_GK, self.tokens)
+        return logps_GK, tokens_GK, mask_GK
+
+    def as_matrix(self) -> ResponseLogps:
+        """The (G, k) form, for groups that all have k responses."""
+        sizes = set(self.sizes)
+        if len(sizes) != 1:
+            raise ValueError(
+                f"groups of different sizes {sorted(sizes)} have no (G, k) form: use the flat "
+                "GroupLogps (compute_group_logps) instead"
+            )
+        k = sizes.pop()
+        return ResponseLogps(self.logps.view(-1, k), self.tokens.view(-1, k))
+
+    def take(self, groups: Sequence[int]) -> GroupLogps:
+        """The responses of groups `groups` (in that order), with their own offsets."""
+        bounds = self.offsets.tolist()
+        spans = [range(bounds[g], bounds[g + 1]) for g in groups]
+        index = torch.tensor([i for span in spans for i in span], dtype=torch.long)
+        index = index.to(self.logps.device)
+        return GroupLogps(
+            self.logps[index], self.tokens[index], offsets_of([len(s) for s in spans])
+        )
+
+    def detach(self) -> GroupLogps:
+        return GroupLogps(self.logps.detach(), self.tokens, self.offsets)
+
+    def to(self, device: torch.device | str) -> GroupLogps:
+        return GroupLogps(self.logps.to(device), self.tokens.to(device), self.offsets.to(device))
+
+    @staticmethod
+    def cat(parts: Sequence[GroupLogps]) -> GroupLogps:
+        sizes = [n for p in parts for n in p.sizes]
+        return GroupLogps(
+            torch.cat([p.logps for p in parts]),
+            torch.cat([p.tokens for p in parts]),
+            offsets_of(sizes),
+        )
+
+
+def offsets_of(sizes: Sequence[int]) -> torch.Tensor:
+    """(G + 1,) long offsets of groups of `sizes` responses: [0, k_0, k_0 + k_1, ...]."""
+    return torch.tensor([0, *sizes], dtype=torch.long).cumsum(0)
 
 
 @dataclass

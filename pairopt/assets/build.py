@@ -23,6 +23,7 @@ import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 SEED = 1234
 N_TRAIN = 3000
@@ -196,6 +197,88 @@ def make_pairs(seed: int = SEED) -> tuple[list[dict[str, str]], list[dict[str, s
     raise AssertionError("unreachable")
 
 
+# -- tiny-prefs-groups: one prompt, k scored responses ------------------------------------------
+
+GROUP_SEED = (
+    SEED + 1
+)  # its own stream: tiny-prefs (and the tokenizer trained on it) stay as they are
+N_TRAIN_GROUPS = 1000
+N_TEST_GROUPS = 200
+GROUP_SIZES = [3, 4, 4, 5, 6]  # k per prompt: mixed sizes, ~4.4 on average
+FORMAT_SHARE = 0.4  # prompts that ask for a sentence or a list
+TONE_POINTS = {"polite": 2, "plain": 1, "rude": 0}
+
+
+def _group_response(
+    rng: random.Random,
+    topic: str,
+    other: str,
+    templates: list[int],
+    asked: str | None,
+    combo: tuple,
+) -> tuple[str, int]:
+    """One response and its score: 2 + 4 (right topic) + 2 (asked form) + tone (0..2)."""
+    topic_ok, tone, form_ok = combo
+    about = topic if topic_ok else other
+    if asked is None:
+        body = _content(rng, about, templates)
+    else:
+        sentence = _content(rng, about, [templates[0]])
+        things = rng.sample(TOPICS[about][0], rng.choice([3, 4]))
+        listed = ", ".join(things[:-1]) + " and " + things[-1] + "."
+        body = sentence if (asked == "sentence") == form_ok else listed
+    parts = [body]
+    if tone != "plain":
+        opener, closer = (
+            (POLITE_OPEN, POLITE_CLOSE) if tone == "polite" else (RUDE_OPEN, RUDE_CLOSE)
+        )
+        if rng.random() < 0.7:
+            parts.insert(0, rng.choice(opener))
+        if len(parts) == 1 or rng.random() < 0.5:
+            parts.append(rng.choice(closer))
+    score = 2 + 4 * topic_ok + 2 * form_ok + TONE_POINTS[tone]
+    return " " + " ".join(parts), score
+
+
+def make_group(rng: random.Random) -> dict[str, Any]:
+    """A prompt about a place and k responses that differ in topic, tone and (when the prompt
+    asks for one) form, scored like a rating: higher is better, ties possible."""
+    topic = rng.choice(TOPIC_NAMES)
+    prompt = " ".join(
+        [*_context(rng, topic, _n_sentences(rng)), _fill(rng.choice(REQUESTS), rng, topic)]
+    )
+    asked = rng.choice(["sentence", "list"]) if rng.random() < FORMAT_SHARE else None
+    if asked is not None:
+        prompt += " " + rng.choice(FORMAT_ASK[asked])
+    other = rng.choice([t for t in TOPIC_NAMES if t != topic])
+    templates = rng.sample(range(len(CONTENT)), rng.choice([1, 1, 2]))
+    forms = [True, False] if asked is not None else [True]
+    combos = [(t, tone, f) for t in (True, False) for tone in TONE_POINTS for f in forms]
+    picked = rng.sample(combos, min(rng.choice(GROUP_SIZES), len(combos)))
+    responses, scores = [], []
+    for combo in picked:
+        text, score = _group_response(rng, topic, other, templates, asked, combo)
+        if text not in responses:
+            responses.append(text)
+            scores.append(score)
+    return {"prompt": prompt, "responses": responses, "scores": scores, "asks": asked or "nothing"}
+
+
+def make_groups(seed: int = GROUP_SEED) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train and test groups; every prompt occurs once, and no group has all scores tied."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    train: list[dict[str, Any]] = []
+    test: list[dict[str, Any]] = []
+    while len(train) < N_TRAIN_GROUPS:
+        group = make_group(rng)
+        if group["prompt"] in seen or len(set(group["scores"])) < 2:
+            continue
+        seen.add(group["prompt"])
+        (test if len(test) < N_TEST_GROUPS else train).append(group)
+    return train, test
+
+
 # A minimal chat template: role markers are special tokens, an assistant turn ends with EOS and
 # nothing after it (so the rendered response ends with EOS and none is appended twice).
 CHAT_TEMPLATE = (
@@ -273,7 +356,7 @@ def build_model_config(vocab_size: int, out: Path) -> None:
     config.save_pretrained(str(out))
 
 
-def write_jsonl(rows: list[dict[str, str]], path: Path) -> None:
+def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -290,12 +373,19 @@ def main(argv: list[str] | None = None) -> int:
     llama.mkdir(parents=True, exist_ok=True)
     write_jsonl(train, prefs / "train.jsonl")
     write_jsonl(test, prefs / "test.jsonl")
+    groups_dir = args.out / "tiny-prefs-groups"
+    groups_dir.mkdir(parents=True, exist_ok=True)
+    train_groups, test_groups = make_groups()
+    write_jsonl(train_groups, groups_dir / "train.jsonl")
+    write_jsonl(test_groups, groups_dir / "test.jsonl")
 
     texts = [r[k] for r in train + test for k in ("prompt", "chosen", "rejected")]
     vocab_size = build_tokenizer(texts, llama)
     build_model_config(vocab_size, llama)
     print(
-        f"wrote {len(train)} train + {len(test)} test pairs to {prefs}; tokenizer ({vocab_size} tokens) and config to {llama}"
+        f"wrote {len(train)} train + {len(test)} test pairs to {prefs}; {len(train_groups)} + "
+        f"{len(test_groups)} groups to {groups_dir}; tokenizer ({vocab_size} tokens) and config "
+        f"to {llama}"
     )
     return 0
 

@@ -13,7 +13,7 @@ from pydantic import Field
 
 
 class DataConfig(pydantic.BaseModel):
-    """Where the preference pairs come from and how they become token ids."""
+    """Where the preference pairs (or ranked responses) come from and how they become token ids."""
 
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
@@ -40,11 +40,13 @@ class DataConfig(pydantic.BaseModel):
         description="Fraction of train held out for evaluation (seeded) when the eval split is "
         "missing; 0 means no evaluation set in that case.",
     )
-    format: Literal["auto", "standard", "conversational", "implicit"] = Field(
+    format: Literal["auto", "standard", "conversational", "implicit", "ranked"] = Field(
         "auto",
         description="standard: prompt/chosen/rejected strings; conversational: lists of "
         "{role, content} messages rendered with the chat template; implicit: no prompt column, "
-        "the shared beginning of chosen and rejected is the prompt; auto: detect from the data.",
+        "the shared beginning of chosen and rejected is the prompt; ranked: a prompt with k "
+        "responses and their scores (responses_column, scores_column); auto: detect from the "
+        "data (chosen/rejected columns: pairwise, else a responses column: ranked).",
     )
     prompt_column: str = Field("prompt", min_length=1, description="Column holding the prompt.")
     chosen_column: str = Field(
@@ -52,6 +54,54 @@ class DataConfig(pydantic.BaseModel):
     )
     rejected_column: str = Field(
         "rejected", min_length=1, description="Column holding the dispreferred response."
+    )
+    responses_column: str = Field(
+        "responses",
+        min_length=1,
+        description="Ranked format: column holding the list of k responses (strings, message "
+        "lists, or objects with response_key), e.g. all_generated_responses (on-policy data).",
+    )
+    scores_column: str = Field(
+        "scores",
+        min_length=1,
+        description="Ranked format: column holding the k scores (or ranks, see score_order) of "
+        "the responses, e.g. all_rm_scores. Not read when score_key is set.",
+    )
+    response_key: str | None = Field(
+        None,
+        min_length=1,
+        description="Ranked format, responses that are objects: the key holding the response, "
+        "e.g. response (UltraFeedback completions) or answer (Nectar answers).",
+    )
+    score_key: str | None = Field(
+        None,
+        min_length=1,
+        description="Ranked format, responses that are objects: the key holding the score, e.g. "
+        "overall_score (UltraFeedback) or rank (Nectar); scores_column is then not read.",
+    )
+    score_order: Literal["higher_is_better", "lower_is_better"] = Field(
+        "higher_is_better",
+        description="Ranked format: whether a higher score is better (reward-model scores, "
+        "ratings) or a lower one (ranks, 1 = best, e.g. Nectar).",
+    )
+    pairs: Literal["best_worst", "all", "best_vs_rest"] = Field(
+        "best_worst",
+        description="Ranked format: the pairs a pair loss trains on per prompt: best_worst (the "
+        "best against the worst response, one pair), all (every two responses whose scores "
+        "differ), best_vs_rest (the best against each other one). Tied scores never form a pair.",
+    )
+    min_score_gap: float = Field(
+        0.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="Ranked format: a pair needs scores at least this far apart (and never "
+        "equal); a prompt left with no pair is dropped and counted.",
+    )
+    group_by_prompt: bool = Field(
+        True,
+        description="Pairwise rows with the same tokenised prompt become one group: the prompt "
+        "is computed once for all their responses, identical responses once. Rows with a "
+        "prompt of their own are unchanged.",
     )
     max_length: int | None = Field(
         None,
@@ -101,4 +151,14 @@ class DataConfig(pydantic.BaseModel):
         columns = [self.prompt_column, self.chosen_column, self.rejected_column]
         if len(set(columns)) != 3:
             raise ValueError(f"prompt/chosen/rejected columns must differ, got {columns}")
+        ranked = [self.prompt_column, self.responses_column]
+        if self.score_key is None:
+            ranked.append(self.scores_column)
+        if len(set(ranked)) != len(ranked):
+            raise ValueError(f"prompt/responses/scores columns must differ, got {ranked}")
+        if self.score_key is not None and self.response_key is None:
+            raise ValueError(
+                "score_key reads the score from response objects: set response_key too (the "
+                "key of the response in the same objects)"
+            )
         return self

@@ -1,4 +1,5 @@
-"""The row format of a dataset (standard, conversational, implicit prompt), detected from its columns."""
+"""The row format of a dataset (standard, conversational, implicit prompt, ranked), detected
+from its columns."""
 
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ class DataFormat:
 
     messages: bool  # values are lists of {role, content} (rendered with the chat template)
     implicit: bool  # no prompt column: the shared beginning of chosen/rejected is the prompt
+    ranked: bool = False  # a prompt with k scored responses (pairopt.data.ranked_rows)
 
     @property
     def name(self) -> str:
+        if self.ranked:
+            return "ranked (messages)" if self.messages else "ranked (text)"
         if self.implicit:
             return "implicit (messages)" if self.messages else "implicit (text)"
         return "conversational" if self.messages else "standard"
@@ -40,6 +44,11 @@ def _missing_column(
 
 def detect_format(ds: datasets.Dataset, cfg: DataConfig, where: str, split: str) -> DataFormat:
     columns = ds.column_names
+    pairwise = cfg.chosen_column in columns and cfg.rejected_column in columns
+    if cfg.format == "ranked" or (
+        cfg.format == "auto" and not pairwise and cfg.responses_column in columns
+    ):
+        return detect_ranked(ds, cfg, where, split)
     for column, setting in (
         (cfg.chosen_column, "chosen_column"),
         (cfg.rejected_column, "rejected_column"),
@@ -67,3 +76,21 @@ def detect_format(ds: datasets.Dataset, cfg: DataConfig, where: str, split: str)
                 "Set chosen_column to the right column."
             )
     return DataFormat(messages=False, implicit=implicit)  # all null: every row reports wrong_type
+
+
+def detect_ranked(ds: datasets.Dataset, cfg: DataConfig, where: str, split: str) -> DataFormat:
+    """Ranked rows: the prompt, responses (and scores) columns exist; text or messages is read
+    from the prompt (a string, or a list of {role, content} messages)."""
+    columns = ds.column_names
+    needed = [(cfg.prompt_column, "prompt_column"), (cfg.responses_column, "responses_column")]
+    if cfg.score_key is None:
+        needed.append((cfg.scores_column, "scores_column"))
+    for column, setting in needed:
+        if column not in columns:
+            raise _missing_column(where, split, column, columns, setting)
+    for value in ds.select(range(min(len(ds), 100)))[cfg.prompt_column]:
+        if isinstance(value, list):
+            return DataFormat(messages=True, implicit=False, ranked=True)
+        if isinstance(value, str):
+            break
+    return DataFormat(messages=False, implicit=False, ranked=True)  # wrong types: per row

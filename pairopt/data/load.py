@@ -14,7 +14,12 @@ Formats (the ones TRL users bring), detected from the columns unless `format` sa
 - implicit prompt: no prompt column; `chosen`/`rejected` are whole texts or conversations and
   their shared beginning becomes the prompt (common leading messages; for text, the common
   prefix backed up to a word boundary, with one separating space moved into the responses, as
-  TRL's `extract_prompt` does).
+  TRL's `extract_prompt` does);
+- ranked: a prompt with k responses and their scores (`pairopt.data.ranked_rows`); its rows
+  have prompt_ids, responses_ids and scores instead of chosen_ids and rejected_ids.
+
+`pairopt.data.groups.make_groups` then turns the rows of either kind into groups (a prompt, its
+responses, the pairs to train on), which is what the trainer reads.
 
 Tokenisation and truncation (TRL semantics) happen row by row in
 `pairopt.rows.RowTokenizer`: both responses share the same prompt ids, each response ends with
@@ -37,6 +42,7 @@ import datasets
 
 from pairopt.data.config import DataConfig
 from pairopt.data.formats import DataFormat, detect_format
+from pairopt.data.ranked_rows import RANKED_FEATURES, RankedRowTokenizer
 from pairopt.data.report import DataReport, SplitReport
 from pairopt.data.rows import OUTPUT_FEATURES, STATUS_COLUMNS, RowTokenizer
 from pairopt.errors import PairoptError
@@ -46,11 +52,14 @@ from pairopt.sources import DATA_FILE_BUILDERS, looks_like_data_file, resolve_bu
 
 @dataclass
 class PreferenceData:
-    """Tokenised pairs: `train`/`eval` have int columns prompt_ids, chosen_ids, rejected_ids."""
+    """Tokenised pairs: `train`/`eval` have int columns prompt_ids, chosen_ids, rejected_ids
+    (ranked data, `ranked`: prompt_ids, responses_ids, scores; after `make_groups`, groups:
+    pairopt.data.groups.GROUP_FEATURES)."""
 
     train: datasets.Dataset
     eval: datasets.Dataset | None
     report: DataReport
+    ranked: bool = False
 
 
 def rows_to_pairs(rows: dict[str, list]) -> list[PreferencePair]:
@@ -127,12 +136,13 @@ def _tokenize_split(
     split: str,
     report_name: str,
 ) -> tuple[datasets.Dataset, SplitReport]:
+    row_tokenizer = RankedRowTokenizer if data_format.ranked else RowTokenizer
     processed = raw.map(
-        RowTokenizer(tokenizer, cfg, data_format, where, split),
+        row_tokenizer(tokenizer, cfg, data_format, where, split),
         batched=True,
         with_indices=True,
         remove_columns=raw.column_names,
-        features=OUTPUT_FEATURES,
+        features=RANKED_FEATURES if data_format.ranked else OUTPUT_FEATURES,
         num_proc=cfg.num_proc,
         desc=f"Tokenising {split}",
     )
@@ -201,7 +211,7 @@ def load_preference_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 0) -> P
     report = DataReport(source=where, format=format_name, splits=reports, eval_source=eval_source)
     if len(train) == 0:
         raise PairoptError(f"No usable training pairs are left. {report}")
-    return PreferenceData(train=train, eval=eval_ds, report=report)
+    return PreferenceData(train=train, eval=eval_ds, report=report, ranked=data_format.ranked)
 
 
 def _eval_split(

@@ -1,9 +1,71 @@
-"""What happened to the rows of a load: kept, truncated, dropped, skipped; per split and overall."""
+"""What happened to the rows of a load: kept, truncated, dropped, skipped, grouped; per split
+and overall."""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+
+@dataclass
+class GroupStats:
+    """What grouping made of a split's kept rows, and the tokens one epoch computes.
+
+    Tokens: `grouped` the group-shared layout (prompt once per group, each response once),
+    `pair_shared` one [prompt | chosen | rejected] per pair, `unshared` one [prompt | response]
+    per response of every pair (the classic computation).
+    """
+
+    rows: int = 0
+    groups: int = 0
+    responses: int = 0
+    pairs: int = 0
+    duplicates: int = 0  # responses seen again in the same group, kept once
+    unpaired_dropped: int = 0  # responses in no pair, not computed (pair losses)
+    no_pair: int = 0  # ranked rows left without a pair (ties, min_score_gap), dropped
+    grouped: int = 0
+    pair_shared: int = 0
+    unshared: int = 0
+    pairs_mode: str = ""  # data.pairs for ranked data, "" for pairwise rows
+
+    def add(
+        self,
+        prompt: Sequence[int],
+        responses: Sequence[Sequence[int]],
+        pairs: Sequence[tuple[int, int]],
+    ) -> None:
+        P = len(prompt)
+        self.groups += 1
+        self.responses += len(responses)
+        self.pairs += len(pairs)
+        self.grouped += P + sum(len(r) for r in responses)
+        for c, r in pairs:
+            n = len(responses[c]) + len(responses[r])
+            self.pair_shared += P + n
+            self.unshared += 2 * P + n
+
+    def __str__(self) -> str:
+        how = f"pairs={self.pairs_mode}: " if self.pairs_mode else ""
+        parts = [
+            f"{self.rows} rows -> {self.groups} prompts, {self.responses} responses, "
+            f"{how}{self.pairs} pairs"
+        ]
+        if self.duplicates:
+            parts.append(f"{self.duplicates} repeated responses counted once")
+        if self.no_pair:
+            parts.append(
+                f"{self.no_pair} rows dropped with no pair (tied scores or within min_score_gap)"
+            )
+        if self.unpaired_dropped:
+            parts.append(f"{self.unpaired_dropped} responses in no pair not computed")
+        if self.grouped:
+            parts.append(
+                f"tokens per epoch {self.grouped:,} grouped vs {self.pair_shared:,} with one "
+                f"prompt per pair (x{self.pair_shared / self.grouped:.2f}) and "
+                f"{self.unshared:,} unshared (x{self.unshared / self.grouped:.2f})"
+            )
+        return ", ".join(parts)
 
 
 @dataclass
@@ -19,6 +81,7 @@ class SplitReport:
     resplit: int = 0  # kept rows whose prompt/response boundary moved (rows.RowTokenizer.tokenize)
     dropped: dict[str, int] = field(default_factory=dict)  # DROP_REASONS
     skipped: dict[str, int] = field(default_factory=dict)  # BAD_ROW_REASONS
+    groups: GroupStats | None = None  # what pairopt.data.groups made of the kept rows
 
     def __str__(self) -> str:
         parts = [f"{self.name}: {self.rows_read} rows read, {self.rows_kept} kept"]
@@ -38,6 +101,8 @@ class SplitReport:
             parts.append(
                 f"{sum(self.skipped.values())} bad rows skipped ({_reasons(self.skipped)})"
             )
+        if self.groups is not None:
+            parts.append(f"grouped: {self.groups}")
         return ", ".join(parts)
 
 

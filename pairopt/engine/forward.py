@@ -6,7 +6,9 @@ Naive equivalent, for each pair and each response y in (chosen, rejected):
     logp(y) = sum_j log_softmax(logits[P - 1 + j])[y_j]
 
 The engine computes the same numbers with the prompt processed once per pair (share_prefix),
-several pairs per row (packing), the LM head only at scored positions, in chunks.
+several pairs per row (packing), the LM head only at scored positions, in chunks. For a group
+of k responses under one prompt (`compute_group_logps`) the prompt is processed once for all
+k, and every response once, however many pairs it is in.
 """
 
 from __future__ import annotations
@@ -21,16 +23,25 @@ from pairopt.engine.attention import model_inputs, resolve_backend, set_implemen
 from pairopt.engine.compat import check_dropout, check_shareable, unsupported_reason
 from pairopt.engine.layout import Layout, build_layout
 from pairopt.engine.logps import default_chunk_size, make_head, token_logps, vocab_size
-from pairopt.pairs import PairLogps, PreferencePair, ResponseGroup, ResponseLogps
+from pairopt.errors import PairoptError
+from pairopt.pairs import (
+    GroupLogps,
+    PairLogps,
+    PreferencePair,
+    ResponseGroup,
+    ResponseLogps,
+    offsets_of,
+)
 
 
-def forward_layout(
+def forward_layout_groups(
     model: nn.Module, layout: Layout, *, backend: str = "auto", chunk_size: int | None = None
-) -> ResponseLogps:
+) -> GroupLogps:
     """Run a prepared layout through the model; `backend` must be usable for the model.
 
     `layout` comes from `build_layout` on the CPU; it moves to the model's device here, after
-    anything derived on the host (the varlen plan) has been derived from the CPU copy."""
+    anything derived on the host (the varlen plan) has been derived from the CPU copy. Returns
+    every response's summed log-prob and token count, flat (R,), in group order."""
     device = next(model.parameters()).device
     host, layout = layout, layout.to(device)
     if unsupported_reason(model) is not None:
@@ -49,15 +60,20 @@ def forward_layout(
     if chunk_size is None:
         chunk_size = default_chunk_size(vocab_size(model))
     logps_T = token_logps(make_head(model), hidden_TD, layout.score_tgt, chunk_size)
-    R = layout.num_groups * layout.k
+    R = layout.num_responses
     sums_R = logps_T.new_zeros(R).index_add(0, layout.score_owner, logps_T)
     counts_R = torch.bincount(layout.score_owner, minlength=R)
-    return ResponseLogps(
-        sums_R.view(layout.num_groups, layout.k), counts_R.view(layout.num_groups, layout.k)
-    )
+    return GroupLogps(sums_R, counts_R, offsets_of(layout.sizes).to(device))
 
 
-def compute_response_logps(
+def forward_layout(
+    model: nn.Module, layout: Layout, *, backend: str = "auto", chunk_size: int | None = None
+) -> ResponseLogps:
+    """`forward_layout_groups` in the (G, k) form, for groups that all have k responses."""
+    return forward_layout_groups(model, layout, backend=backend, chunk_size=chunk_size).as_matrix()
+
+
+def compute_group_logps(
     model: nn.Module,
     groups: Sequence[ResponseGroup],
     *,
@@ -67,12 +83,14 @@ def compute_response_logps(
     max_tokens_per_row: int | None = None,
     bucket_size: int = 64,
     chunk_size: int | None = None,
-) -> ResponseLogps:
-    """Summed log-probs (G, k) and token counts (G, k) of every response of every group.
+) -> GroupLogps:
+    """Summed log-probs and token counts of every response of every group, flat (R,), for
+    groups of any sizes (k_g >= 1, mixed in one call and in one packed row).
 
     share_prefix: prompt once per group, responses in their own branches (else the classic
         layout, one [prompt | response] per segment).
     packing: several segments per row up to `max_tokens_per_row` (None: the longest segment).
+        A group is one segment, never split: one longer than the budget is refused, naming it.
     backend: "auto", "sdpa", "eager", "flex" or "varlen" (see pairopt.engine.attention).
     chunk_size: LM-head rows per chunk (None: a 128 MiB fp32 logits budget, 2**25 // vocab).
     Models that cannot be masked (see pairopt.engine.compat) are refused unless both
@@ -90,7 +108,42 @@ def compute_response_logps(
         max_tokens_per_row=max_tokens_per_row,
         bucket_size=bucket_size,
     )
-    return forward_layout(model, layout, backend=backend, chunk_size=chunk_size)
+    return forward_layout_groups(model, layout, backend=backend, chunk_size=chunk_size)
+
+
+def compute_response_logps(
+    model: nn.Module,
+    groups: Sequence[ResponseGroup],
+    *,
+    share_prefix: bool = True,
+    backend: str = "auto",
+    packing: bool = True,
+    max_tokens_per_row: int | None = None,
+    bucket_size: int = 64,
+    chunk_size: int | None = None,
+) -> ResponseLogps:
+    """Summed log-probs (G, k) and token counts (G, k) of groups that all have k responses.
+
+    `compute_group_logps` with the result in the (G, k) form; options as there. Groups of
+    different sizes raise a PairoptError: call `compute_group_logps` for those.
+    """
+    sizes = {len(group.responses) for group in groups}
+    if len(sizes) > 1:
+        raise PairoptError(
+            f"compute_response_logps returns (G, k) tensors, but the groups have {sorted(sizes)} "
+            "responses: call compute_group_logps for groups of different sizes (flat (R,) "
+            "log-probs with group offsets)."
+        )
+    return compute_group_logps(
+        model,
+        groups,
+        share_prefix=share_prefix,
+        backend=backend,
+        packing=packing,
+        max_tokens_per_row=max_tokens_per_row,
+        bucket_size=bucket_size,
+        chunk_size=chunk_size,
+    ).as_matrix()
 
 
 def compute_logps(

@@ -1,4 +1,5 @@
-"""Pairs (or groups of k responses) -> packed rows of token ids with the ids the mask rule needs.
+"""Pairs (or groups of k responses, k may differ between groups) -> packed rows of token ids
+with the ids the mask rule needs.
 
 Shared layout, one segment per group:   [ prompt | response 1 | ... | response k ]
     branch ids                           [ 0 .. 0 | 1 ...... 1 | ... | k ...... k ]
@@ -39,7 +40,7 @@ class Segment:
     branches: list[int]
     score_src: list[int]  # local index of each scored token's predecessor
     score_tgt: list[int]  # the scored token ids
-    score_owner: list[int]  # response slot g * k + (i - 1) of each scored token
+    score_owner: list[int]  # flat response index (offset of group g) + (i - 1) of each scored token
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -51,7 +52,8 @@ class Layout:
 
     input_ids, position_ids, doc_ids, branch_ids: (B, L) long.
     score_src: (T,) flat index b * L + t of each scored token's predecessor.
-    score_tgt: (T,) the scored token ids.  score_owner: (T,) response slot in [0, G * k).
+    score_tgt: (T,) the scored token ids.  score_owner: (T,) flat response index in [0, R):
+    group g's responses are `offsets[g]:offsets[g + 1]` (groups may differ in size).
     """
 
     input_ids: torch.Tensor
@@ -62,8 +64,12 @@ class Layout:
     score_tgt: torch.Tensor
     score_owner: torch.Tensor
     num_groups: int
-    k: int
+    sizes: list[int]  # responses per group, k_g
     real_tokens: int  # non-padding tokens over all rows
+
+    @property
+    def num_responses(self) -> int:
+        return sum(self.sizes)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -91,41 +97,43 @@ class Layout:
                 "score_owner",
             )
         }
-        return Layout(**moved, num_groups=self.num_groups, k=self.k, real_tokens=self.real_tokens)
+        return Layout(
+            **moved, num_groups=self.num_groups, sizes=self.sizes, real_tokens=self.real_tokens
+        )
 
 
-def check_groups(groups: Sequence[ResponseGroup]) -> int:
-    """Validate token-level groups; return k. Errors name the group and the response."""
+def check_groups(groups: Sequence[ResponseGroup]) -> list[int]:
+    """Validate token-level groups; return their sizes k_g (they may differ). Errors name the
+    group and the response."""
     if not groups:
         raise PairoptError("compute_logps got no pairs: pass at least one PreferencePair.")
-    k = len(groups[0].responses)
+    sizes = []
     for g, group in enumerate(groups):
+        k = len(group.responses)
+        what = "pair" if k == 2 else "group"
         if len(group.prompt) == 0:
             raise PairoptError(
-                f"pair {g} has an empty prompt: the first response token must be scored from a "
+                f"{what} {g} has an empty prompt: the first response token must be scored from a "
                 "prompt position. Tokenise the prompt with the tokenizer's special tokens (BOS)."
             )
-        if len(group.responses) != k:
-            raise PairoptError(
-                f"pair {g} has {len(group.responses)} responses but pair 0 has {k}: "
-                "every group in one call needs the same number of responses."
-            )
+        if k < 1:
+            raise PairoptError(f"group {g} has no response: each group needs at least one.")
         for i, response in enumerate(group.responses):
             if len(response) == 0:
                 name = ("chosen", "rejected")[i] if k == 2 else f"response {i + 1}"
                 raise PairoptError(
-                    f"pair {g} has an empty {name} response: it has no token to score. "
+                    f"{what} {g} has an empty {name} response: it has no token to score. "
                     "Drop the pair (the data loader can skip such rows with on_bad_row=skip)."
                 )
-    if k < 1:
-        raise PairoptError("each group needs at least one response")
-    return k
+        sizes.append(k)
+    return sizes
 
 
-def make_segments(groups: Sequence[ResponseGroup], k: int, share_prefix: bool) -> list[Segment]:
+def make_segments(groups: Sequence[ResponseGroup], share_prefix: bool) -> list[Segment]:
     """Groups -> segments: one per group when sharing, one per response otherwise."""
     segments = []
-    for g, group in enumerate(groups):
+    first = 0  # flat index of the group's first response
+    for group in groups:
         prompt = list(group.prompt)
         P = len(prompt)
         if share_prefix:
@@ -140,7 +148,7 @@ def make_segments(groups: Sequence[ResponseGroup], k: int, share_prefix: bool) -
                 branches += [i] * n
                 src += [P - 1, *range(start, start + n - 1)]
                 tgt += response
-                owner += [g * k + i - 1] * n
+                owner += [first + i - 1] * n
             segments.append(Segment(tokens, positions, branches, src, tgt, owner))
         else:
             for i, response in enumerate(group.responses, start=1):
@@ -152,9 +160,10 @@ def make_segments(groups: Sequence[ResponseGroup], k: int, share_prefix: bool) -
                         branches=[0] * P + [1] * n,
                         score_src=list(range(P - 1, P + n - 1)),
                         score_tgt=list(response),
-                        score_owner=[g * k + i - 1] * n,
+                        score_owner=[first + i - 1] * n,
                     )
                 )
+        first += len(group.responses)
     return segments
 
 
@@ -193,14 +202,17 @@ def build_layout(
     bucket_size: int = 64,
 ) -> Layout:
     """Lay groups out in rows. `max_tokens_per_row=None` packs up to the longest segment."""
-    k = check_groups(groups)
-    segments = make_segments(groups, k, share_prefix)
+    sizes = check_groups(groups)
+    segments = make_segments(groups, share_prefix)
     lengths = [len(s) for s in segments]
     longest = max(lengths)
     budget = longest if max_tokens_per_row is None else max_tokens_per_row
     if longest > budget:
         worst = lengths.index(longest)
-        what = "pair" if share_prefix else "response segment"
+        if share_prefix:
+            what = "pair" if len(groups[worst].responses) == 2 else "group"
+        else:
+            what = "response segment"
         raise PairoptError(
             f"{what} {worst} needs {longest} tokens in one row (prompt + "
             f"{'all responses' if share_prefix else 'one response'}), over the row budget "
@@ -243,6 +255,6 @@ def build_layout(
         score_tgt=torch.tensor(tgt, dtype=torch.long),
         score_owner=torch.tensor(owner, dtype=torch.long),
         num_groups=len(groups),
-        k=k,
+        sizes=sizes,
         real_tokens=sum(lengths),
     )

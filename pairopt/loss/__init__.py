@@ -3,13 +3,16 @@
 (and in users' own modules), one file per loss.
 
 The names plugins and users import are re-exported here: `from pairopt.loss import PairLoss,
-LossConfig, LossOutput, register_loss, reward_metrics`.
+ListLoss, LossConfig, LossOutput, register_loss, reward_metrics`. Listwise losses (kind "list")
+live in `listwise.py`.
 """
 
 from pairopt.loss.base import (
+    LOSS_KINDS,
     STANDARD_METRICS,
     DivergenceConfig,
     LogRatios,
+    Loss,
     LossConfig,
     LossOutput,
     PairLoss,
@@ -18,6 +21,7 @@ from pairopt.loss.base import (
     divergence_score,
     reward_metrics,
 )
+from pairopt.loss.listwise import ListLogps, ListLoss, list_reward_metrics, ordered_pairs
 from pairopt.loss.registry import (
     ENTRY_POINT_GROUP,
     available_losses,
@@ -30,9 +34,13 @@ from pairopt.loss.registry import (
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "LOSS_KINDS",
     "STANDARD_METRICS",
     "DivergenceConfig",
+    "ListLogps",
+    "ListLoss",
     "LogRatios",
+    "Loss",
     "LossConfig",
     "LossOutput",
     "PairLoss",
@@ -42,7 +50,9 @@ __all__ = [
     "build_loss",
     "divergence_score",
     "get_loss_class",
+    "list_reward_metrics",
     "load_loss_module",
+    "ordered_pairs",
     "register_loss",
     "reward_metrics",
     "validate_params",

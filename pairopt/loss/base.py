@@ -1,6 +1,7 @@
 """The loss contract: what a loss plugin is, what it receives and what it returns.
 
-A loss plugin is a `PairLoss` subclass (registered by name in pairopt.loss.registry). It turns
+A loss plugin is a `Loss` of one of two kinds: a `PairLoss` (here) or a listwise `ListLoss`
+(pairopt/loss/listwise.py), registered by name in pairopt.loss.registry. A `PairLoss` turns
 the policy's (and, when it declares `requires_reference`, the reference's) per-pair
 log-probabilities into per-pair losses and a few detached scalar metrics. It never sees a model,
 a tokenizer or a mask, so every plugin gets the prefix-shared forward for free, and nothing
@@ -28,6 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pairopt.errors import PairoptError
 from pairopt.pairs import PairLogps
+
+# What a plugin's `compute` receives: "pair" PairLogps (N,) (PairLoss), "list" ListLogps (G, K)
+# (pairopt.loss.listwise.ListLoss).
+LOSS_KINDS = ("pair", "list")
 
 # The metric keys every loss reports (TRL's names, so existing dashboards keep working).
 STANDARD_METRICS = (
@@ -62,20 +67,24 @@ class LossOutput:
     metrics: dict[str, torch.Tensor]
 
 
-class PairLoss(torch.nn.Module):
-    """Base class of every loss plugin; subclasses implement `compute`.
+class Loss(torch.nn.Module):
+    """What every loss plugin is, whatever it receives: a name, a kind, a need, a Config.
 
     An `nn.Module` so that a loss with state (bco_pair's running reward mean) keeps it in buffers
     that move with `.to(device)` and are saved with `state_dict()`; stateless losses pay nothing.
+    Plugins subclass one of the two kinds: `PairLoss` (per-pair log-probs) or
+    `pairopt.loss.listwise.ListLoss` (every response of a group with its score).
 
     Class attributes a plugin declares (read by the trainer before anything is loaded):
       name                set by `@register_loss`
+      kind                "pair" or "list": what `compute` receives (set by the base class)
       summary             one line, shown by `pairopt losses`
       requires_reference  whether `compute` needs the reference model's log-probs
       Config              the pydantic model of its parameters (frozen, bounded, described)
     """
 
     name: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     # Not a ClassVar: a combination decides per instance (its terms), see losses/combined.py.
     requires_reference: bool = False
@@ -90,6 +99,20 @@ class PairLoss(torch.nn.Module):
                 f"{type(self).__name__} takes a {self.Config.__name__}, got {type(config).__name__}"
             )
         self.config: Any = config
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.config.model_dump().items())
+
+
+class PairLoss(Loss):
+    """Base class of the pair losses (kind "pair"); subclasses implement `compute`.
+
+    It receives per-pair log-probs (`PairLogps`, (N,)); on data with k responses per prompt
+    those index into the group's response log-probs, so every pair loss trains on the pairs of
+    a group unchanged.
+    """
+
+    kind: ClassVar[str] = "pair"
 
     def compute(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
         """Per-pair losses (N,) and metrics. `reference` is None iff not `requires_reference`."""
@@ -106,10 +129,7 @@ class PairLoss(torch.nn.Module):
         _check_logps(policy, "policy")
         if self.requires_reference:
             if reference is None:
-                raise PairoptError(
-                    f"loss {self.name or type(self).__name__!r} needs the reference model's log-probs, "
-                    "but none were given: configure a reference model (or precomputed reference log-probs)."
-                )
+                raise missing_reference(self)
             _check_logps(reference, "reference")
             if len(reference) != len(policy):
                 raise ValueError(
@@ -126,8 +146,12 @@ class PairLoss(torch.nn.Module):
             )
         return out
 
-    def extra_repr(self) -> str:
-        return ", ".join(f"{key}={value!r}" for key, value in self.config.model_dump().items())
+
+def missing_reference(loss: Loss) -> PairoptError:
+    return PairoptError(
+        f"loss {loss.name or type(loss).__name__!r} needs the reference model's log-probs, "
+        "but none were given: configure a reference model (or precomputed reference log-probs)."
+    )
 
 
 def _check_logps(logps: PairLogps, what: str) -> None:

@@ -11,6 +11,9 @@
             ...
             return LossOutput(losses_N, metrics)
 
+Listwise losses (`pairopt.loss.listwise.ListLoss`, kind "list") register the same way, in the
+same registry; the kind is a class attribute the trainer reads.
+
 Plugins are found three ways, all ending in `register_loss`: the entry-point group
 `pairopt.losses` (the built-ins in the top-level `losses/` package use it exactly like a
 third-party package does; it is read lazily, on the first registry lookup), a class registered
@@ -37,15 +40,15 @@ import pydantic
 from pydantic import BaseModel
 
 from pairopt.errors import PairoptError
-from pairopt.loss.base import LossConfig, PairLoss
+from pairopt.loss.base import LOSS_KINDS, Loss, LossConfig
 
 ENTRY_POINT_GROUP = "pairopt.losses"
 BUILTIN_PACKAGE = "losses"  # the top-level package beside pairopt/ that holds the built-ins
 
-_REGISTRY: dict[str, type[PairLoss]] = {}
+_REGISTRY: dict[str, type[Loss]] = {}
 _entry_points_loaded = False
 
-L = TypeVar("L", bound=type[PairLoss])
+L = TypeVar("L", bound=type[Loss])
 
 
 def _load_entry_points() -> None:
@@ -126,15 +129,18 @@ def _same_definition(a: type, b: type) -> bool:
 
 
 def register_loss(name: str) -> Callable[[L], L]:
-    """Class decorator: register a `PairLoss` subclass under `name` (an error if the name is taken)."""
+    """Class decorator: register a `PairLoss` or `ListLoss` subclass under `name` (an error if
+    the name is taken)."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(
             f"a loss name must be a Python identifier (letters, digits, _), got {name!r}"
         )
 
     def decorator(cls: L) -> L:
-        if not (isinstance(cls, type) and issubclass(cls, PairLoss)):
-            raise TypeError(f"@register_loss({name!r}) decorates PairLoss subclasses, got {cls!r}")
+        if not (isinstance(cls, type) and issubclass(cls, Loss) and cls.kind in LOSS_KINDS):
+            raise TypeError(
+                f"@register_loss({name!r}) decorates PairLoss or ListLoss subclasses, got {cls!r}"
+            )
         if not (isinstance(cls.Config, type) and issubclass(cls.Config, BaseModel)):
             raise TypeError(f"{cls.__name__}.Config must be a pydantic model (subclass LossConfig)")
         _load_entry_points()
@@ -159,8 +165,9 @@ def available_losses() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_loss_class(name: str) -> type[PairLoss]:
-    """The registered class: read `requires_reference`, `Config`, `summary` without building."""
+def get_loss_class(name: str) -> type[Loss]:
+    """The registered class: read `kind`, `requires_reference`, `Config`, `summary` without
+    building."""
     _load_entry_points()
     try:
         return _REGISTRY[name]
@@ -179,7 +186,7 @@ def get_loss_class(name: str) -> type[PairLoss]:
         ) from None
 
 
-def build_loss(name: str, /, **params: Any) -> PairLoss:
+def build_loss(name: str, /, **params: Any) -> Loss:
     """Validate `params` with the plugin's `Config` and build the loss.
 
     Bad parameters raise `PairoptError` naming the field, the value given, and what is allowed.
@@ -188,7 +195,7 @@ def build_loss(name: str, /, **params: Any) -> PairLoss:
     return cls(validate_params(cls, params))
 
 
-def validate_params(cls: type[PairLoss], params: dict[str, Any]) -> LossConfig:
+def validate_params(cls: type[Loss], params: dict[str, Any]) -> LossConfig:
     """`cls.Config(**params)`, with pydantic's errors turned into one readable `PairoptError`."""
     try:
         return cls.Config(**params)
@@ -199,7 +206,7 @@ def validate_params(cls: type[PairLoss], params: dict[str, Any]) -> LossConfig:
         ) from None
 
 
-def _describe_error(cls: type[PairLoss], error: Any) -> str:
+def _describe_error(cls: type[Loss], error: Any) -> str:
     loc = ".".join(str(part) for part in error["loc"]) or "(config)"
     fields = cls.Config.model_fields
     if error["type"] == "extra_forbidden":

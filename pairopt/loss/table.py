@@ -1,7 +1,8 @@
 """`pairopt losses`: list the registered losses, their needs and parameters; render docs/losses.md.
 
-Everything shown is read from the registry (each plugin's `summary`, `requires_reference`,
-`Config` fields and docstring), so the CLI help and the docs cannot drift from the code. A test
+Everything shown is read from the registry (each plugin's `kind`, `summary`,
+`requires_reference`, `Config` fields and docstring), so the CLI help and the docs cannot drift
+from the code. Pair losses and listwise losses are listed apart. A test
 checks that docs/losses.md equals `render_markdown()`; regenerate it with
 
     python -m pairopt.loss.table --markdown > docs/losses.md
@@ -21,7 +22,7 @@ import annotated_types
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from pairopt.loss.base import PairLoss
+from pairopt.loss.base import Loss
 from pairopt.loss.registry import (
     BUILTIN_PACKAGE,
     available_losses,
@@ -74,7 +75,7 @@ def _default(field: FieldInfo) -> str:
     return "required"
 
 
-def params_of(cls: type[PairLoss]) -> list[Param]:
+def params_of(cls: type[Loss]) -> list[Param]:
     """The parameters of a loss, from its pydantic Config."""
     return [
         Param(
@@ -88,8 +89,27 @@ def params_of(cls: type[PairLoss]) -> list[Param]:
     ]
 
 
-def _reference(cls: type[PairLoss]) -> str:
+def _reference(cls: type[Loss]) -> str:
     return "yes" if cls.requires_reference else "no"
+
+
+KIND_TITLES = {
+    "pair": "Pair losses: per-pair log-probs (N,); on data with k responses per prompt they "
+    "train on the pairs data.pairs picks",
+    "list": "Listwise losses: every response of a prompt with its score, (G, K) with a mask; "
+    "they need ranked data (prompt, responses, scores)",
+}
+
+
+def _header(name: str, cls: type[Loss]) -> str:
+    kind = "listwise, " if cls.kind == "list" else ""
+    return f"{name}  ({kind}reference model: {_reference(cls)})"
+
+
+def by_kind(names: list[str]) -> list[tuple[str, list[str]]]:
+    """(kind, its names) for each kind that has any, pair losses first."""
+    kinds = [(kind, [n for n in names if get_loss_class(n).kind == kind]) for kind in KIND_TITLES]
+    return [(kind, members) for kind, members in kinds if members]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +125,7 @@ def render_text(names: list[str], *, detail: bool = False) -> str:
     blocks = []
     for name in names:
         cls = get_loss_class(name)
-        lines = [f"{name}  (reference model: {_reference(cls)})", f"    {cls.summary}"]
+        lines = [_header(name, cls), f"    {cls.summary}"]
         if detail and cls.__doc__:
             lines += ["", textwrap.indent(inspect.cleandoc(cls.__doc__), "    "), ""]
         params = params_of(cls)
@@ -132,10 +152,20 @@ _INTRO = """\
      Do not edit by hand: tests/test_loss_table.py checks this file against the code. -->
 
 Every loss below is a plugin in `losses/` (one file each), registered under its name and loaded
-through the `pairopt.losses` entry-point group exactly like a third-party plugin. A loss receives
-per-pair summed log-probabilities and token counts (`pairopt.PairLogps`, tensors of shape (N,))
-of the policy and, when it needs one, of the reference model; it returns per-pair losses (N,)
-and detached scalar metrics. The trainer optimises the mean of the per-pair losses.
+through the `pairopt.losses` entry-point group exactly like a third-party plugin. Losses come in
+two kinds, declared by their base class:
+
+- **pair** (`pairopt.PairLoss`): receives per-pair summed log-probabilities and token counts
+  (`pairopt.PairLogps`, tensors of shape (N,)) of the policy and, when it needs one, of the
+  reference model; returns per-pair losses (N,) and detached scalar metrics. On data with k
+  responses per prompt the pairs (`data.pairs`) index into the prompt's response log-probs, so
+  a response in several pairs is computed once.
+- **list** (`pairopt.loss.ListLoss`): receives every response of each prompt, padded to (G, K)
+  (`pairopt.loss.ListLogps`: log-probs, token counts, scores and a mask for groups smaller than
+  K), and returns one loss per group (G,). It needs ranked data (prompt, responses, scores);
+  on pairwise data the trainer refuses it before any model loads.
+
+The trainer optimises the mean of the per-pair (per-group) losses.
 
 Build one with `pairopt.build_loss(name, **params)` (parameters are checked against the table
 under each loss), list them with `pairopt losses`, and add your own with `@pairopt.register_loss`
@@ -165,9 +195,10 @@ def render_markdown(names: list[str] | None = None) -> str:
             for n in available_losses()
             if get_loss_class(n).__module__.partition(".")[0] == BUILTIN_PACKAGE
         ]
-    out = [_INTRO, "| loss | reference model | summary |", "|---|---|---|"]
+    out = [_INTRO, "| loss | kind | reference model | summary |", "|---|---|---|---|"]
     out += [
-        f"| [`{n}`](#{n}) | {_reference(get_loss_class(n))} | {_md_cell(get_loss_class(n).summary)} |"
+        f"| [`{n}`](#{n}) | {get_loss_class(n).kind} | {_reference(get_loss_class(n))} "
+        f"| {_md_cell(get_loss_class(n).summary)} |"
         for n in names
     ]
     for name in names:
@@ -177,7 +208,7 @@ def render_markdown(names: list[str] | None = None) -> str:
             "",
             f"## {name}",
             "",
-            f"Reference model: **{_reference(cls)}**. Source: `{source}`.",
+            f"Kind: **{cls.kind}**. Reference model: **{_reference(cls)}**. Source: `{source}`.",
             "",
             inspect.cleandoc(cls.__doc__ or cls.summary),
             "",
@@ -242,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         "their sources.\nSet parameters with `pairopt train --loss NAME --loss.PARAM VALUE` "
         "(or beside loss.name in YAML).\n"
     )
-    print(render_text(names))
+    for kind, members in by_kind(names):
+        print(f"{KIND_TITLES[kind]}:\n")
+        print(render_text(members) + "\n")
     return 0
 
 

@@ -15,9 +15,9 @@ from typing import Any
 from torch import nn
 
 from pairopt.engine.compat import disable_dropout
-from pairopt.engine.forward import compute_logps
+from pairopt.engine.forward import compute_group_logps, compute_logps
 from pairopt.errors import PairoptError
-from pairopt.pairs import PairLogps, PreferencePair
+from pairopt.pairs import GroupLogps, PairLogps, PreferencePair, ResponseGroup
 from pairopt.sources import resolve_path
 from pairopt.training.config import LoraSection, ModelConfig
 from pairopt.training.models import load_causal_lm
@@ -30,8 +30,16 @@ class Pairs:
         self.pairs = pairs
 
 
+class Groups:
+    """Groups of k responses, hidden from DDP's input traversal like `Pairs`."""
+
+    def __init__(self, groups: Sequence[ResponseGroup]) -> None:
+        self.groups = groups
+
+
 class PolicyLogps(nn.Module):
-    """The policy as one module whose forward is `compute_logps` (see the module docstring)."""
+    """The policy as one module whose forward is `compute_logps` (see the module docstring):
+    `Pairs` -> PairLogps (N,), `Groups` -> GroupLogps (R,), every response once."""
 
     def __init__(self, model: nn.Module, engine_kwargs: dict[str, Any]) -> None:
         super().__init__()
@@ -40,7 +48,9 @@ class PolicyLogps(nn.Module):
         # FSDP's auto-wrap policy reads the transformer block classes from here.
         self._no_split_modules = getattr(hf_model(model), "_no_split_modules", None)
 
-    def forward(self, batch: Pairs) -> PairLogps:
+    def forward(self, batch: Pairs | Groups) -> PairLogps | GroupLogps:
+        if isinstance(batch, Groups):
+            return compute_group_logps(hf_model(self.model), batch.groups, **self.engine_kwargs)
         return compute_logps(hf_model(self.model), batch.pairs, **self.engine_kwargs)
 
 

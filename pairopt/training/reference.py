@@ -26,10 +26,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from pairopt.data.batch import GroupBatch
 from pairopt.engine.compat import disable_dropout
-from pairopt.engine.forward import compute_logps
+from pairopt.engine.forward import compute_group_logps
 from pairopt.errors import PairoptError
-from pairopt.pairs import PairLogps, PreferencePair
+from pairopt.pairs import GroupLogps
 from pairopt.training.config import ModelConfig, ReferenceConfig
 from pairopt.training.policy import load_model
 from pairopt.training.reference_cache import (
@@ -45,11 +46,10 @@ from pairopt.training.reference_cache import (
 
 
 class Reference(Protocol):
-    """Gives the reference log-probs of `pairs`, rows `indices` of `split` ("train" / "eval")."""
+    """Gives the reference log-probs of every response of `batch`, the groups at rows
+    `indices` of `split` ("train" / "eval"), flat (R,) like the policy's."""
 
-    def logps(
-        self, pairs: Sequence[PreferencePair], indices: Sequence[int], split: str
-    ) -> PairLogps: ...
+    def logps(self, batch: GroupBatch, indices: Sequence[int], split: str) -> GroupLogps: ...
 
 
 class LiveReference:
@@ -65,11 +65,9 @@ class LiveReference:
         self.engine_kwargs = engine_kwargs
         self.autocast = autocast
 
-    def logps(
-        self, pairs: Sequence[PreferencePair], indices: Sequence[int], split: str
-    ) -> PairLogps:
+    def logps(self, batch: GroupBatch, indices: Sequence[int], split: str) -> GroupLogps:
         with torch.no_grad(), self.autocast():
-            return compute_logps(self.model, pairs, **self.engine_kwargs)
+            return compute_group_logps(self.model, batch.groups, **self.engine_kwargs)
 
     @torch.no_grad()
     def sync(self, policy: nn.Module, alpha: float) -> None:
@@ -98,29 +96,26 @@ class AdapterReference:
         self.engine_kwargs = engine_kwargs
         self.autocast = autocast
 
-    def logps(
-        self, pairs: Sequence[PreferencePair], indices: Sequence[int], split: str
-    ) -> PairLogps:
+    def logps(self, batch: GroupBatch, indices: Sequence[int], split: str) -> GroupLogps:
         with torch.no_grad(), self.autocast(), self.peft_model.disable_adapter():
-            return compute_logps(self.peft_model.get_base_model(), pairs, **self.engine_kwargs)
+            base = self.peft_model.get_base_model()
+            return compute_group_logps(base, batch.groups, **self.engine_kwargs)
 
 
 class PrecomputedReference:
     """Reference log-probs looked up by row index (strategy `precompute`).
 
-    `tables[split]` holds (n_rows,) tensors for the whole split; `hit` says whether they came
-    from the on-disk cache.
+    `tables[split]` holds every response of the whole split, flat (R,) with the groups'
+    offsets; `hit` says whether they came from the on-disk cache.
     """
 
-    def __init__(self, tables: dict[str, PairLogps], path: Path, hit: bool) -> None:
+    def __init__(self, tables: dict[str, GroupLogps], path: Path, hit: bool) -> None:
         self.tables = tables
         self.path = path
         self.hit = hit
 
-    def logps(
-        self, pairs: Sequence[PreferencePair], indices: Sequence[int], split: str
-    ) -> PairLogps:
-        return self.tables[split][list(indices)]
+    def logps(self, batch: GroupBatch, indices: Sequence[int], split: str) -> GroupLogps:
+        return self.tables[split].take(indices)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +193,7 @@ def precompute_reference(
     model: nn.Module,
     splits: dict[str, Any],
     *,
-    rows_to_pairs: Callable[[dict[str, list[Any]]], list[PreferencePair]],
+    rows_to_batch: Callable[[dict[str, list[Any]]], GroupBatch],
     engine_kwargs: dict[str, Any],
     cache_dir: str | None,
     dtype: str,
@@ -206,8 +201,8 @@ def precompute_reference(
     accelerator: Any,
     progress: bool = False,
 ) -> PrecomputedReference:
-    """Reference log-probs of every row of every split, from the cache or computed and cached
-    (on a hit `model` is not run). The main process writes the file."""
+    """Reference log-probs of every response of every split, from the cache or computed and
+    cached (on a hit `model` is not run). The main process writes the file."""
     active = {name: ds for name, ds in splits.items() if ds is not None}
     key = cache_key(
         model_fingerprint(model), {n: dataset_fingerprint(ds) for n, ds in active.items()}, dtype
@@ -219,9 +214,9 @@ def precompute_reference(
     original_device = next(model.parameters()).device
     live = LiveReference(model.to(accelerator.device), engine_kwargs, accelerator.autocast)
     tables = compute_tables(
-        lambda pairs: live.logps(pairs, [], ""),
+        lambda batch: live.logps(batch, [], ""),
         active,
-        rows_to_pairs=rows_to_pairs,
+        rows_to_batch=rows_to_batch,
         batch_size=batch_size,
         accelerator=accelerator,
         progress=progress,

@@ -1,8 +1,11 @@
 """Precomputed reference log-probs: one pass over the splits, cached on disk.
 
-The cache file is keyed by what the numbers depend on: the reference's weights (hashed byte
-for byte), the tokenised data (hashed), the dtype and autocast, and `CACHE_VERSION`. A second
-run with the same model and data reads the file and never runs the reference model.
+One value per response, not per pair: a split of groups (pairopt.data.groups) is stored as a
+flat `GroupLogps` (R,) with the groups' offsets, so a response in several pairs is computed and
+stored once. The cache file is keyed by what the numbers depend on: the reference's weights
+(hashed byte for byte), the tokenised data (hashed), the dtype and autocast, and
+`CACHE_VERSION`. A second run with the same model and data reads the file and never runs the
+reference model.
 """
 
 from __future__ import annotations
@@ -13,22 +16,27 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pairopt.pairs import PairLogps, PreferencePair
+from pairopt.data.batch import GroupBatch
+from pairopt.pairs import GroupLogps, offsets_of
 from pairopt.training.run_log import work_bar
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the cached file's layout or the engine's numbers change
+CACHE_VERSION = (
+    2  # bump when the cached file's layout or the engine's numbers change (2: per response)
+)
 
-# pairs of rows `indices` of split -> their reference log-probs (run without gradients)
-LogpsFn = Callable[[Sequence[PreferencePair]], PairLogps]
+# a batch of groups -> their responses' reference log-probs (run without gradients)
+LogpsFn = Callable[[GroupBatch], GroupLogps]
+# columns that say where a row came from, not what is computed
+PROVENANCE_COLUMNS = ("rows",)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -50,21 +58,26 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def dataset_fingerprint(dataset: Any) -> str:
-    """A hash of the token-id columns of a `datasets.Dataset`, row order included.
+    """A hash of the token-id (and score, pair) columns of a `datasets.Dataset`, row order
+    included: every column but `PROVENANCE_COLUMNS`, nested lists level by level.
 
     Reads the Arrow data in slices (no Python lists), so it is fast on large splits and right
     for datasets that carry an indices mapping (a shuffled or split view).
     """
+    import pyarrow as pa
+
     digest = hashlib.blake2b(digest_size=16)
-    columns = ("prompt_ids", "chosen_ids", "rejected_ids")
-    digest.update(f"{len(dataset)}".encode())
+    columns = [c for c in dataset.column_names if c not in PROVENANCE_COLUMNS]
+    digest.update(f"{len(dataset)}|{','.join(columns)}".encode())
     arrow = dataset.with_format("arrow")
     for start in range(0, len(dataset), 8192):
         table = arrow[start : start + 8192]
         for column in columns:
             array = table.column(column).combine_chunks()
-            digest.update(array.value_lengths().to_numpy(zero_copy_only=False).tobytes())
-            digest.update(array.flatten().to_numpy(zero_copy_only=False).tobytes())
+            while pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+                digest.update(array.value_lengths().to_numpy(zero_copy_only=False).tobytes())
+                array = array.flatten()
+            digest.update(array.to_numpy(zero_copy_only=False).tobytes())
     return digest.hexdigest()
 
 
@@ -94,31 +107,25 @@ def cache_path(cache_dir: Path, key: str) -> Path:
     return cache_dir / f"ref-logps-{key}.pt"
 
 
-def read_cache(path: Path, splits: dict[str, Any]) -> dict[str, PairLogps] | None:
+def read_cache(path: Path, splits: dict[str, Any]) -> dict[str, GroupLogps] | None:
     """The cached tables, or None when there is no file or it does not match the data."""
     if not path.is_file():
         return None
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    tables = {split: PairLogps(*saved[split]) for split in splits}
-    if all(len(tables[split]) == len(ds) for split, ds in splits.items()):
+    tables = {split: GroupLogps(*saved[split]) for split in splits}
+    if all(tables[split].num_groups == len(ds) for split, ds in splits.items()):
         return tables
     logger.warning("pairopt: reference cache %s does not match the data; recomputing", path)
     return None
 
 
-def write_cache(path: Path, tables: dict[str, PairLogps]) -> None:
+def write_cache(path: Path, tables: dict[str, GroupLogps]) -> None:
     """Write atomically (a crashed write never leaves a half file a later run would read); a
     failure (full disk, no permission) only warns: the run keeps the values in memory."""
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {
-                split: (t.chosen_logps, t.rejected_logps, t.chosen_tokens, t.rejected_tokens)
-                for split, t in tables.items()
-            },
-            tmp,
-        )
+        torch.save({split: (t.logps, t.tokens, t.offsets) for split, t in tables.items()}, tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:
         with contextlib.suppress(OSError):  # a half-written file must not stay behind
@@ -135,13 +142,14 @@ def compute_tables(
     logps: LogpsFn,
     splits: dict[str, Any],
     *,
-    rows_to_pairs: Callable[[dict[str, list[Any]]], list[PreferencePair]],
+    rows_to_batch: Callable[[dict[str, list[Any]]], GroupBatch],
     batch_size: int,
     accelerator: Any,
     progress: bool = False,
-) -> dict[str, PairLogps]:
-    """Reference log-probs of every row of every split, in row order. With several processes
-    each computes a strided share of the rows and every process gets all of them."""
+) -> dict[str, GroupLogps]:
+    """Reference log-probs of every response of every group of every split, in row order. With
+    several processes each computes a strided share of the groups and every process gets all
+    of them. `batch_size` counts groups."""
     rank, world = accelerator.process_index, accelerator.num_processes
     tables = {}
     batches = sum(
@@ -150,28 +158,25 @@ def compute_tables(
     bar = work_bar(progress and accelerator.is_main_process, batches, "reference log-probs")
     with bar:
         for split, dataset in splits.items():
-            rows: list[tuple[int, float, float, int, int]] = []
+            rows: list[tuple[int, list[float], list[int]]] = []
             for batch in _chunks(list(range(rank, len(dataset), world)), batch_size):
-                out = logps(rows_to_pairs(dataset[batch])).to("cpu")
+                out = logps(rows_to_batch(dataset[batch])).to("cpu")
                 bar.update(1)
-                rows += zip(
-                    batch,
-                    out.chosen_logps.float().tolist(),
-                    out.rejected_logps.float().tolist(),
-                    out.chosen_tokens.tolist(),
-                    out.rejected_tokens.tolist(),
-                    strict=True,
-                )
+                bounds = out.offsets.tolist()
+                values, counts = out.logps.float().tolist(), out.tokens.tolist()
+                rows += [
+                    (index, values[bounds[g] : bounds[g + 1]], counts[bounds[g] : bounds[g + 1]])
+                    for g, index in enumerate(batch)
+                ]
             if world > 1:
                 from accelerate.utils import gather_object
 
                 rows = gather_object(rows)
             rows.sort()
-            tables[split] = PairLogps(
-                torch.tensor([r[1] for r in rows], dtype=torch.float32),
-                torch.tensor([r[2] for r in rows], dtype=torch.float32),
-                torch.tensor([r[3] for r in rows], dtype=torch.long),
-                torch.tensor([r[4] for r in rows], dtype=torch.long),
+            tables[split] = GroupLogps(
+                torch.tensor([v for r in rows for v in r[1]], dtype=torch.float32),
+                torch.tensor([n for r in rows for n in r[2]], dtype=torch.long),
+                offsets_of([len(r[1]) for r in rows]),
             )
     return tables
 

@@ -1,7 +1,10 @@
 """What each optimiser step trains on, and at which learning rate.
 
-Data order is a pure function of (seed, epoch): the train split is permuted with
-`torch.randperm(seed + epoch)`, cut into micro-batches (by pairs and/or tokens), and every
+The items are groups (a prompt with its responses and pairs, pairopt.data.groups); a group is
+never split across micro-batches, so its prompt and every response are computed once. Data
+order is a pure function of (seed, epoch): the groups are permuted with
+`torch.randperm(seed + epoch)`, cut into micro-batches (by examples and/or tokens: an example
+is a pair for a pair loss, a group for a listwise loss), and every
 `world * grad_accum` consecutive micro-batches form one optimiser step; process r takes
 micro-batches r, r + world, ... of each step. A resumed run therefore replays the same batches,
 and two processes compute exactly what one process with `grad_accum * 2` computes. An
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from itertools import combinations
 from typing import Any
 
 import torch
@@ -22,49 +26,86 @@ from pairopt.pairs import row_need
 from pairopt.training.config import OptimConfig
 
 
-def pair_lengths(dataset: Any, *, share_prefix: bool = True) -> list[int]:
-    """`row_need` of every row (prompt + chosen + rejected shared, prompt + the longer response
-    unshared), read from the Arrow columns without materialising the token ids."""
+def _group_shapes(dataset: Any) -> Iterator[tuple[int, list[int]]]:
+    """(P, [n_1, ..., n_k]) of every group, read from the Arrow columns without materialising
+    the token ids."""
     arrow = dataset.with_format("arrow")
-    lengths: list[int] = []
     for start in range(0, len(dataset), 8192):
         table = arrow[start : start + 8192]
-        prompt, chosen, rejected = (
-            table.column(column).combine_chunks().value_lengths().to_pylist()
-            for column in ("prompt_ids", "chosen_ids", "rejected_ids")
-        )
-        lengths += [
-            row_need(p, [c, r], share_prefix)
-            for p, c, r in zip(prompt, chosen, rejected, strict=True)
-        ]
-    return lengths
+        prompt = table.column("prompt_ids").combine_chunks().value_lengths().to_pylist()
+        responses = table.column("responses_ids").combine_chunks()
+        counts = responses.value_lengths().to_pylist()
+        sizes = responses.flatten().value_lengths().to_pylist()
+        first = 0
+        for p, k in zip(prompt, counts, strict=True):
+            yield p, sizes[first : first + k]
+            first += k
+
+
+def group_lengths(dataset: Any, *, share_prefix: bool = True) -> list[int]:
+    """`row_need` of every group: its prompt with all its responses (shared), or the prompt
+    with the longest response (unshared)."""
+    return [row_need(p, ns, share_prefix) for p, ns in _group_shapes(dataset)]
+
+
+def group_examples(dataset: Any, per_group: bool) -> list[int]:
+    """What each group counts for in a batch: its number of pairs, or 1 (`per_group`, a
+    listwise loss, whose loss is one value per group)."""
+    if per_group:
+        return [1] * len(dataset)
+    column = dataset.with_format("arrow")["chosen_idx"].combine_chunks()
+    return column.value_lengths().to_pylist()
+
+
+def group_pairs(dataset: Any, *, listwise: bool) -> list[int]:
+    """The pairs each group trains: its pairs, or (listwise) every two responses whose scores
+    differ (the pairs its loss ranks and its accuracy counts)."""
+    if not listwise:
+        return group_examples(dataset, per_group=False)
+    return [
+        sum(a != b for a, b in combinations(scores, 2))
+        for scores in dataset.with_format("arrow")["scores"].to_pylist()
+    ]
 
 
 def check_row_budget(datasets: dict[str, Any], share_prefix: bool, budget: int | None) -> None:
-    """Refuse, before any model loads, a pair that no row of `budget` tokens can hold."""
+    """Refuse, before any model loads, a group (a pair, or a prompt with all its responses)
+    that no row of `budget` tokens can hold. A group is never split into rows: its responses
+    share one copy of the prompt, so it needs all of them in one row."""
     if budget is None:
         return
     for split, dataset in datasets.items():
         if dataset is None or len(dataset) == 0:
             continue
-        lengths = pair_lengths(dataset, share_prefix=share_prefix)
+        shapes = list(_group_shapes(dataset))
+        lengths = [row_need(p, ns, share_prefix) for p, ns in shapes]
         longest = max(lengths)
-        if longest > budget:
-            what = "prompt + chosen + rejected" if share_prefix else "prompt + one response"
-            raise PairoptError(
-                f"{split} pair {lengths.index(longest)} needs {longest} tokens in one row "
-                f"({what}), over engine.max_tokens_per_row={budget}; "
-                f"{sum(n > budget for n in lengths)} of {len(lengths)} {split} pairs do. Raise "
-                "engine.max_tokens_per_row or truncate the data (data.max_length, "
-                "data.max_prompt_length)."
-            )
+        if longest <= budget:
+            continue
+        worst = lengths.index(longest)
+        rows = dataset[worst]["rows"]
+        where = f"row {rows[0]}" if len(rows) == 1 else f"rows {', '.join(map(str, rows))}"
+        k = len(shapes[worst][1])
+        what = "prompt + one response"
+        if share_prefix:
+            what = "prompt + chosen + rejected" if k == 2 else f"prompt + its {k} responses"
+        noun = "pairs" if all(len(ns) == 2 for _, ns in shapes) else "prompts"
+        raise PairoptError(
+            f"{split} {where} needs {longest} tokens in one row ({what}), over "
+            f"engine.max_tokens_per_row={budget}; {sum(n > budget for n in lengths)} of "
+            f"{len(lengths)} {split} {noun} do. Raise engine.max_tokens_per_row or truncate "
+            "the data (data.max_length, data.max_prompt_length; data.pairs best_worst keeps "
+            "two responses per prompt)."
+        )
 
 
 class BatchPlan:
     """Micro-batches of row indices, grouped into optimiser steps; a pure function of the seed.
 
-    `batch_size` caps the pairs and `batch_tokens` the prompt+chosen+rejected tokens of a
-    micro-batch (either may be None); `group` = world * grad_accum micro-batches make a step.
+    `batch_size` caps the examples (`examples[i]` per row, default 1 each: pairs, or groups for
+    a listwise loss) and `batch_tokens` the tokens (`lengths`) of a micro-batch (either may be
+    None; a row over either cap goes alone); `group` = world * grad_accum micro-batches make a
+    step.
     """
 
     def __init__(
@@ -75,8 +116,10 @@ class BatchPlan:
         batch_tokens: int | None,
         group: int,
         seed: int,
+        examples: Sequence[int] | None = None,
     ) -> None:
         self.lengths = lengths
+        self.examples = examples if examples is not None else [1] * len(lengths)
         self.batch_size = batch_size
         self.batch_tokens = batch_tokens
         self.group = group
@@ -91,18 +134,22 @@ class BatchPlan:
             order = torch.randperm(len(self.lengths), generator=generator).tolist()
             micro: list[list[int]] = []
             current: list[int] = []
-            tokens = 0
+            tokens = examples = 0
             for index in order:
-                full_pairs = self.batch_size is not None and len(current) >= self.batch_size
+                full_pairs = (
+                    self.batch_size is not None
+                    and examples + self.examples[index] > self.batch_size
+                )
                 full_tokens = (
                     self.batch_tokens is not None
                     and tokens + self.lengths[index] > self.batch_tokens
                 )
                 if current and (full_pairs or full_tokens):
                     micro.append(current)
-                    current, tokens = [], 0
+                    current, tokens, examples = [], 0, 0
                 current.append(index)
                 tokens += self.lengths[index]
+                examples += self.examples[index]
             if current:
                 micro.append(current)
             steps = [
@@ -110,10 +157,10 @@ class BatchPlan:
             ]
             if not steps:
                 raise PairoptError(
-                    f"the train split has {len(self.lengths)} pairs, fewer than one optimiser step "
-                    f"needs ({self.group} micro-batches = processes x optim.grad_accum, of up to "
-                    f"{self.batch_size} pairs each): lower optim.batch_size or optim.grad_accum, "
-                    "or use more data."
+                    f"the train split has {sum(self.examples)} examples (pairs, or groups for a "
+                    f"listwise loss), fewer than one optimiser step needs ({self.group} "
+                    f"micro-batches = processes x optim.grad_accum, of up to {self.batch_size} "
+                    "each): lower optim.batch_size or optim.grad_accum, or use more data."
                 )
             self._cache = {epoch: steps}  # one epoch at a time is all a run needs
             self._counts[epoch] = len(steps)

@@ -14,9 +14,12 @@ reference strategies), `schedule.py` (data order, optimiser, learning rate), `ev
 `run_log.py` (metrics, console, trackers), `checkpoint.py` (run directory, save_state, final
 save_pretrained).
 
-The loss of a step is the mean over all its pairs, whatever the split across micro-batches and
-processes: each micro-batch's sum is scaled by world * grad_accum / pairs in the step, because
-accelerate divides by grad_accum and DDP averages over processes.
+The items are groups (a prompt, its responses, the pairs among them; pairopt.data.groups): the
+engine computes every response of a group once, and the loss receives what its declared `kind`
+asks for (pairopt.training.loss_inputs). The loss of a step is the mean over all its examples
+(pairs, or groups for a listwise loss), whatever the split across micro-batches and
+processes: each micro-batch's sum is scaled by world * grad_accum / examples in the step,
+because accelerate divides by grad_accum and DDP averages over processes.
 """
 
 from __future__ import annotations
@@ -32,11 +35,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from pairopt.data.load import PreferenceData, load_preference_data, rows_to_pairs
+from pairopt.data.batch import GroupBatch, rows_to_batch
+from pairopt.data.groups import make_groups
+from pairopt.data.load import PreferenceData, load_preference_data
 from pairopt.errors import PairoptError
-from pairopt.loss.base import PairLoss
-from pairopt.loss.registry import build_loss
-from pairopt.pairs import PreferencePair, shared_length
+from pairopt.loss.base import Loss
+from pairopt.loss.registry import build_loss, get_loss_class
 from pairopt.training.checkpoint import (
     changed_settings,
     check_output_dir,
@@ -51,8 +55,9 @@ from pairopt.training.config import OptimConfig, TrainConfig
 from pairopt.training.config_load import load_config
 from pairopt.training.evaluation import Evaluator
 from pairopt.training.flags import help_text, parse_train_args
+from pairopt.training.loss_inputs import apply_loss, check_loss_fits_data, examples_in
 from pairopt.training.policy import (
-    Pairs,
+    Groups,
     PolicyLogps,
     apply_lora,
     enable_checkpointing,
@@ -78,8 +83,10 @@ from pairopt.training.schedule import (
     BatchPlan,
     build_optimizer,
     check_row_budget,
+    group_examples,
+    group_lengths,
+    group_pairs,
     lr_multiplier,
-    pair_lengths,
 )
 
 
@@ -123,13 +130,14 @@ class Run:
     tokenizer: Any
     data: PreferenceData
     train_fp: str  # fingerprint of the tokenised training split (checkpoints record it)
-    loss_fn: PairLoss
+    loss_fn: Loss
     wrapped: Any  # PolicyLogps, prepared by accelerate
     optimizer: Any
     scheduler: Any
     reference: Any  # a Reference (pairopt.training.reference) or None
     ref_cache_hit: bool | None
     plan: BatchPlan
+    pairs: list[int]  # pairs each train group trains (pairopt.training.schedule.group_pairs)
     total_steps: int
     start_step: int
     evaluator: Evaluator
@@ -202,6 +210,9 @@ def setup(cfg: TrainConfig, *, quiet: bool = False) -> Run:
     set_seed(cfg.optim.seed)
     tokenizer = load_tokenizer(cfg.model)
     data = load_preference_data(cfg.data, tokenizer, seed=cfg.optim.seed)
+    loss_cls = get_loss_class(cfg.loss.name)
+    check_loss_fits_data(loss_cls, data, cfg.data.dataset)
+    data = make_groups(data, cfg.data, all_responses=loss_cls.kind == "list")
     say(f"data: {data.report}")
     check_row_budget(
         {"train": data.train, "eval": data.eval},
@@ -228,7 +239,7 @@ def setup(cfg: TrainConfig, *, quiet: bool = False) -> Run:
         reference,
         loss_fn,
         data.eval,
-        rows_to_pairs,
+        rows_to_batch,
         cfg.eval,
         accelerator,
         progress=progress,
@@ -249,6 +260,7 @@ def setup(cfg: TrainConfig, *, quiet: bool = False) -> Run:
         reference,
         ref_cache_hit,
         plan,
+        group_pairs(data.train, listwise=loss_fn.kind == "list"),
         total_steps,
         0,
         evaluator,
@@ -296,7 +308,7 @@ def make_accelerator(cfg: TrainConfig) -> tuple[Any, TrainConfig]:
 
 def build_models(
     cfg: TrainConfig,
-    loss_fn: PairLoss,
+    loss_fn: Loss,
     accelerator: Any,
     data: PreferenceData,
     say: Printer,
@@ -311,7 +323,7 @@ def build_models(
         return precompute_reference(
             model,
             {"train": data.train, "eval": data.eval},
-            rows_to_pairs=rows_to_pairs,
+            rows_to_batch=rows_to_batch,
             engine_kwargs=engine_kwargs,
             cache_dir=cfg.reference.cache_dir,
             dtype=f"{cfg.model.dtype}/{cfg.optim.precision}",
@@ -347,15 +359,16 @@ def build_models(
 
 
 def prepare(
-    cfg: TrainConfig, accelerator: Any, policy: nn.Module, loss_fn: PairLoss, data: PreferenceData
+    cfg: TrainConfig, accelerator: Any, policy: nn.Module, loss_fn: Loss, data: PreferenceData
 ) -> tuple[BatchPlan, int, Any, Any, Any]:
     """(batch plan, total steps, wrapped policy, optimiser, schedule), after accelerate.prepare."""
     plan = BatchPlan(
-        pair_lengths(data.train),
+        group_lengths(data.train),
         batch_size=cfg.optim.batch_size,
         batch_tokens=cfg.optim.batch_tokens,
         group=accelerator.num_processes * cfg.optim.grad_accum,
         seed=cfg.optim.seed,
+        examples=group_examples(data.train, per_group=loss_fn.kind == "list"),
     )
     total_steps = cfg.optim.max_steps or plan.steps_for_epochs(cfg.optim.epochs)
     optimizer = build_optimizer(policy, cfg.optim)
@@ -394,19 +407,20 @@ def train_step(run: Run, step: int, epoch: int, micro_batches: list[list[int]]) 
     accelerator, cfg = run.accelerator, run.cfg
     started = time.perf_counter()
     lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
-    pairs_in_step = sum(len(mb) for mb in micro_batches)
-    scale = run.world * cfg.optim.grad_accum / pairs_in_step
+    examples_in_step = sum(run.plan.examples[i] for mb in micro_batches for i in mb)
+    pairs_in_step = sum(run.pairs[i] for mb in micro_batches for i in mb)
+    scale = run.world * cfg.optim.grad_accum / examples_in_step
     sums: dict[str, torch.Tensor] = {}
     tokens = 0
     grad_norm: torch.Tensor | None = None
     for indices in micro_batches[run.rank :: run.world]:
-        pairs = rows_to_pairs(run.data.train[indices])
-        tokens += sum(shared_length(*p.lengths()) for p in pairs)
+        batch = rows_to_batch(run.data.train[indices])
+        tokens += batch.tokens()
         with accelerator.accumulate(run.wrapped):
-            micro_batch(run, pairs, indices, scale, sums)
+            micro_batch(run, batch, indices, scale, sums)
             if accelerator.sync_gradients:
                 grad_norm = optimizer_step(run)
-    metrics = global_means(sums, accelerator, pairs_in_step)
+    metrics = global_means(sums, accelerator, examples_in_step)
     if not math.isfinite(metrics["loss"]):
         last = list_checkpoints(run.output)
         raise PairoptError(
@@ -434,23 +448,26 @@ def train_step(run: Run, step: int, epoch: int, micro_batches: list[list[int]]) 
 
 def micro_batch(
     run: Run,
-    pairs: list[PreferencePair],
+    batch: GroupBatch,
     indices: list[int],
     scale: float,
     sums: dict[str, torch.Tensor],
 ) -> None:
-    """Forward, loss and backward of one micro-batch; its metric sums are added to `sums`."""
-    policy_logps = run.wrapped(Pairs(pairs))
+    """Forward, loss and backward of one micro-batch; its metric sums are added to `sums`.
+
+    The policy computes every response of the batch's groups once (flat); the loss receives
+    them in the form its kind asks for (pairs indexed out of them, or padded lists)."""
+    policy_logps = run.wrapped(Groups(batch.groups))
     ref = (
-        run.reference.logps(pairs, indices, "train").to(run.accelerator.device)
+        run.reference.logps(batch, indices, "train").to(run.accelerator.device)
         if run.reference is not None
         else None
     )
-    out = run.loss_fn(policy_logps, ref)
+    out = apply_loss(run.loss_fn, batch, policy_logps, ref)
     run.accelerator.backward(out.losses.sum() * scale)
     add_metric(sums, "loss", out.losses.detach().sum())
     for key, value in out.metrics.items():
-        add_metric(sums, key, value.detach().float() * len(indices))
+        add_metric(sums, key, value.detach().float() * examples_in(run.loss_fn, batch))
 
 
 def optimizer_step(run: Run) -> torch.Tensor | None:
@@ -491,7 +508,7 @@ def run_steps(run: Run) -> tuple[list[dict[str, float]], list[dict[str, float]],
                 metrics = train_step(run, step, epoch, micro_batches)
                 done = step + 1
                 history.append(metrics)
-                pairs = sum(len(mb) for mb in micro_batches)
+                pairs = sum(run.pairs[i] for mb in micro_batches for i in mb)
                 pairs_done += pairs
                 window.add(metrics, pairs)
                 if done % cfg.logging.every == 0 or done == run.total_steps:
@@ -540,19 +557,25 @@ def _evaluate(
 
 def _training_line(run: Run) -> str:
     cfg = run.cfg
+    unit = "groups" if run.loss_fn.kind == "list" else "pairs"
     batches = []
     if cfg.optim.batch_size is not None:
-        batches.append(f"<= {cfg.optim.batch_size} pairs")
+        batches.append(f"<= {cfg.optim.batch_size} {unit}")
     if cfg.optim.batch_tokens is not None:
         batches.append(f"<= {cfg.optim.batch_tokens} tokens")
-    eval_pairs = len(run.data.eval) if run.data.eval is not None else 0
+    eval_groups = len(run.data.eval) if run.data.eval is not None else 0
     return (
         f"training: {run.total_steps} steps of {run.world} x {cfg.optim.grad_accum} "
-        f"micro-batches ({' and '.join(batches)} each), {len(run.data.train)} train pairs, "
-        f"{eval_pairs} eval pairs, loss {cfg.loss.name}, "
+        f"micro-batches ({' and '.join(batches)} each), {_count(len(run.data.train), sum(run.pairs))} "
+        f"train, {eval_groups} eval prompts, loss {cfg.loss.name} ({run.loss_fn.kind}), "
         f"{'shared' if cfg.engine.share_prefix else 'unshared'}"
         f"{' packed' if cfg.engine.packing else ''} forward"
     )
+
+
+def _count(groups: int, pairs: int) -> str:
+    """ "3000 pairs", or "600 prompts, 4,210 pairs" when groups hold several pairs."""
+    return f"{pairs:,} pairs" if groups == pairs else f"{groups:,} prompts, {pairs:,} pairs"
 
 
 # ---------------------------------------------------------------------------------------------

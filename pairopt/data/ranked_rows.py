@@ -1,0 +1,197 @@
+"""One ranked row (a prompt, k responses, k scores) -> checked, tokenised, truncated token ids.
+
+The ranked twin of `pairopt.data.rows.RowTokenizer`, with the same rules: texts as they are,
+or conversations through the chat template (the prompt with `add_generation_prompt=True`, a
+response is what prompt + response renders after the rendered prompt; a response given as a
+string under a conversational prompt is one assistant message); the prompt with special tokens,
+each response without them plus one EOS; the prompt truncated first, then every response to
+`max_completion_length` and to `max_length - len(prompt)`. Like `RowTokenizer` it never drops a
+row itself: it writes a status per row, and `pairopt.data.load` filters and counts.
+
+Where the responses and scores are (`DataConfig`):
+
+    responses_column  a list of k responses: strings, message lists, or objects (dicts) whose
+                      `response_key` holds the response
+    scores_column     a list of k numbers, read unless `score_key` names a key of the objects
+    score_order       lower_is_better (ranks, 1 = best) is negated here, so every later step
+                      reads "higher is better"
+
+The common shapes: on-policy data (`all_generated_responses`, `all_rm_scores`) by column names;
+UltraFeedback (`completions[*].response`, `completions[*].overall_score`) and Nectar
+(`answers[*].answer`, `answers[*].rank`, lower is better) with the keys (docs/configuration.md,
+Data). A row needs at least two responses and one finite score per response.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from pairopt.data.rows import BadRow, RowTokenizer, check_messages, check_text
+
+RANKED_BAD_ROW_REASONS = {
+    "too_few_responses": "fewer than two responses",
+    "bad_score": "a score is missing, not a number, or not finite",
+}
+RANKED_CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+RANKED_FEATURES = datasets.Features(
+    {
+        "prompt_ids": datasets.List(datasets.Value("int32")),
+        "responses_ids": datasets.List(datasets.List(datasets.Value("int32"))),
+        "scores": datasets.List(datasets.Value("float64")),  # higher is better
+        "_status": datasets.Value("string"),
+        "_prompt_truncated": datasets.Value("bool"),
+        "_response_truncated": datasets.Value("bool"),
+    }
+)
+
+Texts = tuple[str, list[str], list[float]]
+
+
+class RankedRowTokenizer(RowTokenizer):
+    """The `Dataset.map(batched=True, with_indices=True)` function for ranked rows."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.ranked_code_version = RANKED_CODE_VERSION  # part of the datasets cache key
+
+    # -- values of one row --------------------------------------------------------------------
+
+    def _response(self, item: Any, j: int) -> Any:
+        cfg, column = self.cfg, f"{self.cfg.responses_column}[{j}]"
+        if cfg.response_key is not None:
+            if not isinstance(item, dict) or cfg.response_key not in item:
+                raise BadRow(
+                    "wrong_type",
+                    f"{column} is {type(item).__name__}, expected an object with the key "
+                    f"{cfg.response_key!r} (response_key)",
+                )
+            item = item[cfg.response_key]
+            column += f"[{cfg.response_key!r}]"
+        if self.data_format.messages:
+            if isinstance(item, str):  # the assistant's reply to a conversational prompt
+                item = [{"role": "assistant", "content": item}]
+            return check_messages(item, column)
+        return check_text(item, column)
+
+    def _scores(self, batch: dict[str, list], i: int, items: list[Any]) -> list[float]:
+        cfg = self.cfg
+        if cfg.score_key is not None:
+            raw = [item.get(cfg.score_key) if isinstance(item, dict) else None for item in items]
+            where = f"{cfg.responses_column}[*][{cfg.score_key!r}] (score_key)"
+        else:
+            raw = batch[cfg.scores_column][i]
+            where = f"column {cfg.scores_column!r}"
+            if not isinstance(raw, list) or len(raw) != len(items):
+                got = f"{len(raw)} values" if isinstance(raw, list) else type(raw).__name__
+                raise BadRow(
+                    "bad_score", f"{where} holds {got} for {len(items)} responses; give one each"
+                )
+        scores = []
+        value: Any
+        for j, value in enumerate(raw):
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            if not ok or not math.isfinite(value):
+                raise BadRow("bad_score", f"{where}: score {j} is {value!r}, not a finite number")
+            scores.append(float(value) if cfg.score_order == "higher_is_better" else -float(value))
+        return scores
+
+    def ranked_texts(self, batch: dict[str, list], i: int) -> Texts:
+        """(prompt, responses, scores) of row i, texts rendered; or raise BadRow."""
+        cfg = self.cfg
+        items = batch[cfg.responses_column][i]
+        if not isinstance(items, list):
+            raise BadRow(
+                "wrong_type",
+                f"column {cfg.responses_column!r} holds {type(items).__name__}, expected a list",
+            )
+        if len(items) < 2:
+            raise BadRow(
+                "too_few_responses",
+                f"column {cfg.responses_column!r} holds {len(items)} response(s); a ranking needs 2",
+            )
+        check = check_messages if self.data_format.messages else check_text
+        prompt: Any = check(batch[cfg.prompt_column][i], cfg.prompt_column)
+        responses = [self._response(item, j) for j, item in enumerate(items)]
+        scores = self._scores(batch, i, items)
+        for j, value in enumerate(responses):
+            if _is_empty(value):
+                raise BadRow("empty_response", f"{cfg.responses_column}[{j}] is empty")
+        if not self.data_format.messages:
+            return prompt, responses, scores
+        prompt_text = self._render(prompt, generation_prompt=True)
+        return (
+            prompt_text,
+            [
+                self._continuation(prompt_text, prompt, r, f"{cfg.responses_column}[{j}]")
+                for j, r in enumerate(responses)
+            ],
+            scores,
+        )
+
+    # -- token ids ----------------------------------------------------------------------------
+
+    def truncate_group(
+        self, prompt: list[int], responses: list[list[int]]
+    ) -> tuple[list[int], list[list[int]], bool, bool, bool]:
+        """The pairwise rules for k responses: (prompt, responses, prompt_cut, response_cut, drop)."""
+        prompt, _, _, prompt_cut, _, drop = self.truncate(prompt, [], [])  # the prompt's rules
+        if drop:
+            return prompt, responses, prompt_cut, False, True
+        limit = self.cfg.max_completion_length or max(len(r) for r in responses)
+        if self.cfg.max_length is not None:
+            limit = min(limit, self.cfg.max_length - len(prompt))
+        response_cut = any(len(r) > limit for r in responses)
+        return prompt, [r[:limit] for r in responses], prompt_cut, response_cut, False
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        n = len(indices)
+        out: dict[str, list] = {name: [[] for _ in range(n)] for name in RANKED_FEATURES}
+        out["_status"] = [""] * n
+        out["_prompt_truncated"] = [False] * n
+        out["_response_truncated"] = [False] * n
+        good, texts = [], []
+        for i, index in enumerate(indices):
+            try:
+                texts.append(self.ranked_texts(batch, i))
+                good.append(i)
+            except BadRow as bad:
+                if self.cfg.on_bad_row == "error":
+                    raise self.fail(index, bad) from None
+                out["_status"][i] = f"skip:{bad.reason}"
+        if not good:
+            return out
+        tok = self.tokenizer
+        prompts = [t[0] for t in texts]
+        flat = [r for t in texts for r in t[1]]
+        prompt_ids = tok(prompts, add_special_tokens=True, verbose=False)["input_ids"]
+        response_ids = tok(flat, add_special_tokens=False, verbose=False)["input_ids"]
+        start = 0
+        for j, i in enumerate(good):
+            k = len(texts[j][1])
+            ids = [self.response_ids(response_ids[start + m], flat[start + m]) for m in range(k)]
+            start += k
+            p = self.prompt_ids(prompt_ids[j], prompts[j])
+            if not p:
+                empty = BadRow("empty_prompt", "the prompt is empty and the tokenizer adds no BOS")
+                if self.cfg.on_bad_row == "error":
+                    raise self.fail(indices[i], empty)
+                out["_status"][i] = f"skip:{empty.reason}"
+                continue
+            p, ids, prompt_cut, response_cut, drop = self.truncate_group(p, ids)
+            if drop:
+                out["_status"][i] = "drop:no_room_for_response"
+                continue
+            out["prompt_ids"][i], out["responses_ids"][i], out["scores"][i] = p, ids, texts[j][2]
+            out["_prompt_truncated"][i], out["_response_truncated"][i] = prompt_cut, response_cut
+        return out
+
+
+def _is_empty(value: str | list[dict[str, str]]) -> bool:
+    if isinstance(value, str):
+        return not value.strip()
+    return not any(m["content"].strip() for m in value)
