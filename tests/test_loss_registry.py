@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILTIN_NAMES = {
     "dpo", "ipo", "orpo", "simpo", "kto_pair", "hinge", "robust", "cpo", "bco_pair", "nca_pair",
     "exo_pair", "sppo_hard", "apo_zero", "apo_down", "sigmoid_norm", "rpo", "sft", "combined",
-    "aot", "aot_unpaired", "discopop",
+    "aot", "aot_unpaired", "discopop", "plackett_luce",
 }  # fmt: skip
 
 POLICY = PairLogps(

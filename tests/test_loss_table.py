@@ -23,7 +23,11 @@ def test_listing_shows_every_loss_its_reference_need_and_parameters(capsys):
     for name in available_losses():
         cls = get_loss_class(name)
         need = "yes" if cls.requires_reference else "no"
-        assert f"{name}  (reference model: {need})\n    {cls.summary}\n" in out
+        kind = "listwise, " if cls.kind == "list" else ""
+        assert f"{name}  ({kind}reference model: {need})\n    {cls.summary}\n" in out
+    # the two kinds are listed apart, pair losses first
+    assert out.index("Pair losses:") < out.index("dpo  (") < out.index("Listwise losses:")
+    assert out.index("Listwise losses:") < out.index("plackett_luce  (listwise, reference model")
     assert "dpo  (reference model: yes)" in out and "orpo  (reference model: no)" in out
     # parameters with type, default and bounds, then their description
     assert "    beta: float = 0.1  (> 0)\n        β: temperature on the log-ratio margin" in out

@@ -1,6 +1,6 @@
 """The built-in losses: a hand-worked value each, gradients against float64 references, edge values,
 and the registry-wide contract (parametrised over `available_losses()`, so a new plugin is tested
-the moment it is registered).
+the moment it is registered). Pair losses here; the listwise kind in tests/test_listwise_losses.py.
 
 Shared hand example (one pair) unless a test says otherwise:
 
@@ -426,6 +426,8 @@ def _naive(name: str) -> Callable[..., torch.Tensor]:
 BUILTINS = [
     name for name in available_losses() if get_loss_class(name).__module__.startswith("losses.")
 ]
+PAIR_LOSSES = [name for name in available_losses() if get_loss_class(name).kind == "pair"]
+PAIR_BUILTINS = [name for name in BUILTINS if name in PAIR_LOSSES]
 
 
 def random_pairs(n: int, seed: int, dtype=torch.float32) -> tuple[PairLogps, PairLogps]:
@@ -453,7 +455,7 @@ def with_grad(p: PairLogps) -> PairLogps:
     )
 
 
-@pytest.mark.parametrize("name", BUILTINS)
+@pytest.mark.parametrize("name", PAIR_BUILTINS)
 def test_gradient_matches_float64_reference(name):
     """Float32 plugin gradients of mean(losses) equal the autograd gradients of a naive float64
     rewrite of the formula (7 pairs, an odd size)."""
@@ -516,7 +518,7 @@ def test_divergence_gradients_match_float64_rewrite(name, divergence):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", BUILTINS)
+@pytest.mark.parametrize("name", PAIR_BUILTINS)
 def test_gradcheck_float64(name):
     """Autograd through the plugin against finite differences, in float64."""
     policy, reference = random_pairs(3, seed=2, dtype=torch.float64)
@@ -552,7 +554,7 @@ EDGE_CASES = {
 
 
 @pytest.mark.parametrize("case", list(EDGE_CASES))
-@pytest.mark.parametrize("name", available_losses())
+@pytest.mark.parametrize("name", PAIR_LOSSES)
 def test_edge_values_stay_finite(name, case):
     (pc, pr), (rc, rr), (nc, nr) = EDGE_CASES[case]
     policy = logps(
@@ -568,7 +570,7 @@ def test_edge_values_stay_finite(name, case):
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
-@pytest.mark.parametrize("name", available_losses())
+@pytest.mark.parametrize("name", PAIR_LOSSES)
 def test_half_precision_inputs_are_upcast(name):
     """bf16 log-probs give float32 losses equal to the float32 computation on the same values."""
     policy, reference = random_pairs(5, seed=3, dtype=torch.bfloat16)
@@ -599,7 +601,7 @@ def test_half_precision_inputs_are_upcast(name):
 
 
 @pytest.mark.parametrize("n", [1, 7])
-@pytest.mark.parametrize("name", available_losses())
+@pytest.mark.parametrize("name", PAIR_LOSSES)
 def test_contract(name, n):
     """Per-pair finite losses (N,); gradients reach the policy, never the reference; standard
     metrics present, scalar and detached."""
@@ -625,10 +627,11 @@ def test_contract(name, n):
 
 @pytest.mark.parametrize("name", available_losses())
 def test_contract_declarations(name):
-    """Name set by the decorator, a one-line summary, a boolean need, a frozen strict Config whose
-    every field is described; an unknown parameter is refused."""
+    """Name set by the decorator, a one-line summary, a kind, a boolean need, a frozen strict
+    Config whose every field is described; an unknown parameter is refused."""
     cls = get_loss_class(name)
     assert cls.name == name
+    assert cls.kind in pairopt.loss.LOSS_KINDS
     assert cls.summary and "\n" not in cls.summary
     assert isinstance(cls.requires_reference, bool)
     assert cls.Config.model_config.get("extra") == "forbid"

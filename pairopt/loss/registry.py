@@ -139,7 +139,8 @@ def register_loss(name: str) -> Callable[[L], L]:
     def decorator(cls: L) -> L:
         if not (isinstance(cls, type) and issubclass(cls, Loss) and cls.kind in LOSS_KINDS):
             raise TypeError(
-                f"@register_loss({name!r}) decorates PairLoss or ListLoss subclasses, got {cls!r}"
+                f"@register_loss({name!r}) decorates PairLoss subclasses (or ListLoss "
+                f"subclasses, the listwise kind), got {cls!r}"
             )
         if not (isinstance(cls.Config, type) and issubclass(cls.Config, BaseModel)):
             raise TypeError(f"{cls.__name__}.Config must be a pydantic model (subclass LossConfig)")
