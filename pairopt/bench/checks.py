@@ -49,7 +49,7 @@ def check_tokenizer_dir(path: str) -> None:
 
 
 INT_MINIMUMS = {
-    **dict.fromkeys(("pairs_per_step", "steps", "bucket_size", "chunk_size"), 1),
+    **dict.fromkeys(("pairs_per_step", "steps", "bucket_size", "chunk_size", "groups_per_step"), 1),
     **dict.fromkeys(("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab"), 1),
     **dict.fromkeys(("sweep_tokens", "chunk_elements"), 1),
     **dict.fromkeys(("warmup", "row_tokens", "threads"), 0),

@@ -20,10 +20,11 @@ from pairopt.bench.checks import (
     parse_vocabs,
     resolve_dtype,
 )
-from pairopt.bench.data import PROFILES_PATH, dataset_lengths, load_profiles
+from pairopt.bench.data import PROFILES_PATH, dataset_lengths, load_group_profiles, load_profiles
+from pairopt.bench.groups import GROUP_PAIRS, run_groups
 from pairopt.bench.measure import memory_sweep
 from pairopt.bench.model import GPU_SHAPE, ModelShape
-from pairopt.bench.report import environment, format_table, write_chart
+from pairopt.bench.report import environment, format_group_table, format_table, write_chart
 from pairopt.bench.run import MODES, BenchOptions, draw_batches, run_batches
 from pairopt.engine.attention import BACKENDS
 from pairopt.engine.devices import check_flex_device, resolve_device
@@ -37,7 +38,24 @@ def _parser() -> argparse.ArgumentParser:
         description="Step time of unshared/shared x padded/packed, side by side; "
         "see docs/benchmarks.md.",
     )
-    p.add_argument("--profiles", default="all", help="comma-separated profile names, or all")
+    p.add_argument(
+        "--profiles",
+        default=None,
+        help="comma-separated profile names, all, or none (default: all, or none when "
+        "--group-profiles is given)",
+    )
+    p.add_argument(
+        "--group-profiles",
+        default=None,
+        help="comma-separated group profiles (k responses per prompt), or all: group-shared vs "
+        "pair-shared vs unshared on the same pairs (pairopt/bench/groups.py)",
+    )
+    p.add_argument(
+        "--group-pairs",
+        default=",".join(GROUP_PAIRS),
+        help="the pairs of each prompt in group profiles: all, best_worst, or both",
+    )
+    p.add_argument("--groups-per-step", type=int, default=2, help="prompts per step (groups)")
     p.add_argument(
         "--profiles-file",
         type=Path,
@@ -175,14 +193,25 @@ def sources_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """--data (one source of real lengths) or --profiles (each a length profile)."""
     if args.data is not None:
         return {args.data.stem: dataset_lengths(args.data, args.tokenizer)}
-    profiles = load_profiles(args.profiles_file)
-    names = (
-        list(profiles) if args.profiles == "all" else [n.strip() for n in args.profiles.split(",")]
-    )
+    chosen = args.profiles or ("none" if args.group_profiles else "all")
+    if chosen == "none":
+        return {}
+    return _pick(load_profiles(args.profiles_file), chosen, "--profiles")
+
+
+def group_sources_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """--group-profiles: the group profiles named (none by default)."""
+    if not args.group_profiles:
+        return {}
+    return _pick(load_group_profiles(args.profiles_file), args.group_profiles, "--group-profiles")
+
+
+def _pick(profiles: dict[str, Any], chosen: str, option: str) -> dict[str, Any]:
+    names = list(profiles) if chosen == "all" else [n.strip() for n in chosen.split(",")]
     bad = [n for n in names if n not in profiles]
     if bad:
         raise PairoptError(
-            f"--profiles: unknown {', '.join(bad)}; choose from {', '.join(profiles)} or all."
+            f"{option}: unknown {', '.join(bad)}; choose from {', '.join(profiles)} or all."
         )
     return {n: profiles[n] for n in names}
 
@@ -211,10 +240,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.tokenizer is not None:
         check_tokenizer_dir(args.tokenizer)
     drawn = draw_batches(opts, shape, sources_from_args(args))
+    group_sources = group_sources_from_args(args)
+    group_pairs = [h.strip() for h in args.group_pairs.split(",") if h.strip()]
+    if not drawn and not group_sources:
+        raise PairoptError("nothing to measure: name --profiles or --group-profiles.")
+    if any(h not in GROUP_PAIRS for h in group_pairs) or not group_pairs:
+        raise PairoptError(
+            f"--group-pairs {args.group_pairs!r}: choose from {', '.join(GROUP_PAIRS)}."
+        )
     _make_out(args.out)
     started = time.perf_counter()
-    results = run_batches(opts, shape, drawn, device, dtype)
-    table = format_table(results)
+    results = run_batches(opts, shape, drawn, device, dtype) if drawn else []
+    groups = run_groups(
+        opts, shape, group_sources, group_pairs, args.groups_per_step, device, dtype
+    )
+    tables = ([format_table(results)] if results else []) + (
+        [format_group_table(groups)] if groups else []
+    )
+    table = "\n\n".join(tables)
     print(table)
     report: dict[str, Any] = {
         "command": "pairopt bench " + " ".join(argv),
@@ -224,11 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         "options": asdict(opts),
         "wall_s": time.perf_counter() - started,
         "profiles": [asdict(r) for r in results],
+        "group_profiles": [asdict(r) for r in groups],
     }
     (args.out / "bench.json").write_text(json.dumps(report, indent=1))
     (args.out / "bench.txt").write_text(table + "\n")
     print(f"wrote {args.out / 'bench.json'}")
-    if not args.no_png:
+    if not args.no_png and results:
         title = f"pairopt bench ({report['environment'].get('gpu', 'CPU')}, {report['dtype']})"
         if write_chart(results, args.out / "bench.png", title):
             print(f"wrote {args.out / 'bench.png'}")

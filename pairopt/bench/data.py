@@ -1,6 +1,7 @@
 """The pairs `pairopt bench` measures: lengths from a profile (pairopt/assets/profiles.json, the
 six of the prefix-sharing paper, with jitter) or from a JSONL file of real pairs, turned into
 batches of random token ids (only lengths matter for speed); and the ideal speed-up of sharing.
+The same file's group profiles (k responses per prompt) are read here and drawn in groups.py.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pairopt.sources import ASSETS_DIR
 PROFILES_PATH = ASSETS_DIR / "profiles.json"
 
 PROFILE_KEYS = ("name", "prompt_tokens", "completion_tokens")  # what a profile must have
+GROUP_PROFILE_KEYS = (*PROFILE_KEYS, "responses")  # and a group profile, k responses per prompt
 
 
 def load_profiles(path: Path = PROFILES_PATH) -> dict[str, dict[str, Any]]:
@@ -63,6 +65,34 @@ def load_profiles(path: Path = PROFILES_PATH) -> dict[str, dict[str, Any]]:
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 1:
                 raise PairoptError(
                     f"{where}: {label} has {key} {value!r}; it must be a number >= 1."
+                )
+        out[str(profile["name"])] = profile
+    return out
+
+
+def load_group_profiles(path: Path = PROFILES_PATH) -> dict[str, dict[str, Any]]:
+    """Group profile name -> {prompt_tokens, completion_tokens, responses, source, ...}: the
+    file's optional "group_profiles" list (k responses per prompt; pairopt.bench.groups)."""
+    where = f"--profiles-file {path}"
+    try:
+        data = json.loads(read_text(path, "--profiles-file"))
+    except json.JSONDecodeError as err:
+        raise PairoptError(f"{where}: not JSON ({err.msg} at line {err.lineno}).") from err
+    groups = data.get("group_profiles", []) if isinstance(data, dict) else []
+    if not isinstance(groups, list):
+        raise PairoptError(f'{where}: "group_profiles" must be a list of objects.')
+    out: dict[str, dict[str, Any]] = {}
+    for i, profile in enumerate(groups, start=1):
+        if not isinstance(profile, dict) or any(k not in profile for k in GROUP_PROFILE_KEYS):
+            raise PairoptError(
+                f"{where}: group profile {i} must be an object with {', '.join(GROUP_PROFILE_KEYS)}."
+            )
+        for key in ("prompt_tokens", "completion_tokens", "responses"):
+            value, least = profile[key], 2 if key == "responses" else 1
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < least:
+                raise PairoptError(
+                    f"{where}: group profile {profile['name']!r} has {key} {value!r}; it must be "
+                    f"a number >= {least}."
                 )
         out[str(profile["name"])] = profile
     return out

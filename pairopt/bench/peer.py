@@ -1,7 +1,13 @@
 """The peer: TRL's DPOTrainer and pairopt, same tiny model, data, batch and steps; pairs/s of both.
 
     python -m pairopt.bench.peer --profile hh_rlhf --pairs-per-step 4 --steps 8
+    python -m pairopt.bench.peer --group-profile ultrafeedback_onpolicy --group-pairs all
     pairopt bench --peer ...                      (the same)
+
+With a group profile (k responses per prompt, pairopt/bench/groups.py) both train on the same
+pairs: TRL on the pairs written out one per row, `--groups-per-step` prompts' pairs per step;
+pairopt on the groups (every response computed once, `compute_group_logps`) and, for
+reference, on the same pairs prefix-shared one per segment (`compute_logps`).
 
 TRL is an optional bench dependency (`pip install pairopt[bench]`), never a runtime one.
 
@@ -34,11 +40,12 @@ import torch
 from torch import nn
 
 from pairopt.bench.checks import check_numbers, check_shape
-from pairopt.bench.data import load_profiles
+from pairopt.bench.data import load_group_profiles, load_profiles
+from pairopt.bench.groups import GROUP_PAIRS, group_pairs
 from pairopt.bench.model import ModelShape, build_model
-from pairopt.engine.forward import compute_logps
+from pairopt.engine.forward import compute_group_logps, compute_logps
 from pairopt.errors import PairoptError
-from pairopt.pairs import PreferencePair
+from pairopt.pairs import PairLogps, PreferencePair, ResponseGroup
 
 EOS, PAD = 1, 0  # word-level vocabulary: 0 <pad>, 1 </s>, then one word per token id
 
@@ -71,6 +78,71 @@ def make_pairs(profile: dict[str, Any], n: int, jitter: float, vocab: int, seed:
     return [
         {"prompt": ids(draw(P)), "chosen": ids(draw(C)), "rejected": ids(draw(C))} for _ in range(n)
     ]
+
+
+def make_group_rows(
+    profile: dict[str, Any], n_groups: int, how: str, jitter: float, vocab: int, seed: int
+) -> tuple[list[dict], list[tuple[ResponseGroup, list[tuple[int, int]]]]]:
+    """Prompts with k responses of distinct random scores: their pairs as rows (TRL and the
+    pair-shared run), and each prompt as a group with its pairs (indices into its responses,
+    the unpaired responses dropped, as in training). Responses end in EOS in the groups."""
+    rng = random.Random(seed)
+
+    def draw(x: int) -> int:
+        return max(1, round(x * rng.uniform(1 - jitter, 1 + jitter)))
+
+    P, C, k = (int(profile[key]) for key in ("prompt_tokens", "completion_tokens", "responses"))
+    rows, groups = [], []
+    for _ in range(n_groups):
+        prompt = [rng.randrange(2, vocab) for _ in range(draw(P))]
+        responses = [[rng.randrange(2, vocab) for _ in range(draw(C))] for _ in range(k)]
+        picked = group_pairs(rng.sample(range(k), k), how)
+        used = sorted({i for pair in picked for i in pair})
+        for c, r in picked:
+            rows.append({"prompt": prompt, "chosen": responses[c], "rejected": responses[r]})
+        group = ResponseGroup(prompt, [responses[i] + [EOS] for i in used])
+        groups.append((group, [(used.index(c), used.index(r)) for c, r in picked]))
+    return rows, groups
+
+
+def run_pairopt_groups(
+    model: nn.Module,
+    groups: list[tuple[ResponseGroup, list[tuple[int, int]]]],
+    args: argparse.Namespace,
+    clock: Any,
+) -> list[float]:
+    """Step times of pairopt's DPO step on `--groups-per-step` groups at a time: reference and
+    policy through `compute_group_logps`, every pair's log-probs indexed out of them."""
+    ref = copy.deepcopy(model).eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    times = []
+    for i in range(0, len(groups), args.groups_per_step):
+        batch = groups[i : i + args.groups_per_step]
+        chosen, rejected, first = [], [], 0
+        for group, pairs in batch:
+            chosen += [first + c for c, _ in pairs]
+            rejected += [first + r for _, r in pairs]
+            first += len(group.responses)
+        index_c, index_r = torch.tensor(chosen), torch.tensor(rejected)
+        start = clock()
+        with torch.no_grad():
+            reference = compute_group_logps(ref, [g for g, _ in batch]).pairs(index_c, index_r)
+        policy = compute_group_logps(model, [g for g, _ in batch]).pairs(index_c, index_r)
+        _dpo_step(policy, reference, optimizer)
+        times.append(clock() - start)
+    return times
+
+
+def _dpo_step(policy: PairLogps, reference: PairLogps, optimizer: Any) -> None:
+    margin = (policy.chosen_logps - reference.chosen_logps) - (
+        policy.rejected_logps - reference.rejected_logps
+    )
+    loss = -torch.nn.functional.logsigmoid(0.1 * margin).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def as_text(row: dict[str, list[int]]) -> dict[str, str]:
@@ -153,15 +225,7 @@ def run_pairopt(
         with torch.no_grad():
             reference = compute_logps(ref, batch)
         policy = compute_logps(model, batch)
-        margin = (policy.chosen_logps - reference.chosen_logps) - (
-            policy.rejected_logps - reference.rejected_logps
-        )
-        loss = -torch.nn.functional.logsigmoid(0.1 * margin).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        _dpo_step(policy, reference, optimizer)
         times.append(clock() - start)
     return times
 
@@ -171,6 +235,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m pairopt.bench.peer", description=__doc__.split("\n")[0]
     )
     p.add_argument("--profile", default="hh_rlhf", help="a profile of pairopt/assets/profiles.json")
+    p.add_argument(
+        "--group-profile",
+        help="a group profile (k responses per prompt) instead of --profile; see the docstring",
+    )
+    p.add_argument("--group-pairs", default="all", choices=GROUP_PAIRS)
+    p.add_argument("--groups-per-step", type=int, default=2, help="prompts per step (groups)")
     p.add_argument("--pairs-per-step", type=int, default=4)
     p.add_argument("--steps", type=int, default=6, help="measured steps")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps first")
@@ -199,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         raise PairoptError(f"--vocab must be >= 3 for the peer's word tokenizer, got {args.vocab}.")
     if not 0 <= args.jitter < 1:
         raise PairoptError(f"--jitter must be in [0, 1), got {args.jitter}.")
+    rows, groups, name = peer_data(args)  # bad profile names fail before TRL is needed
     try:
         import trl
     except ImportError as err:
@@ -207,12 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         ) from err
     if args.threads:
         torch.set_num_threads(args.threads)
-    profiles = load_profiles()
-    if args.profile not in profiles:
-        raise PairoptError(f"--profile {args.profile!r}: choose from {', '.join(profiles)}.")
     clock = time.process_time if args.timer == "cpu" else time.perf_counter
-    n = args.pairs_per_step * (args.steps + args.warmup)
-    rows = make_pairs(profiles[args.profile], n, args.jitter, args.vocab, args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def fresh_model() -> nn.Module:
@@ -227,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         "trl_version": trl.__version__,
         "torch_threads": torch.get_num_threads(),
         "timer": args.timer,
-        "profile": args.profile,
+        "profile": name,
         "pairs_per_step": args.pairs_per_step,
         "measured_steps": args.steps,
         "trl_step_s": trl_times,
@@ -236,16 +302,60 @@ def main(argv: list[str] | None = None) -> int:
         "pairopt_pairs_per_s": args.pairs_per_step / statistics.median(ours),
     }
     result["ratio"] = result["pairopt_pairs_per_s"] / result["trl_pairs_per_s"]
-    print(
-        f"{args.profile}: {args.pairs_per_step} pairs/step, median over {args.steps} steps\n"
-        f"  TRL {trl.__version__} DPOTrainer  {result['trl_pairs_per_s']:8.2f} pairs/s\n"
-        f"  pairopt                {result['pairopt_pairs_per_s']:8.2f} pairs/s\n"
-        f"  pairopt / TRL          {result['ratio']:8.2f}x"
-    )
+    label = "pairopt (pair-shared)" if groups else "pairopt"
+    lines = [
+        f"{name}: {args.pairs_per_step} pairs/step, median over {args.steps} steps",
+        f"  {'TRL ' + trl.__version__ + ' DPOTrainer':<28}{result['trl_pairs_per_s']:8.2f} pairs/s",
+        f"  {label:<28}{result['pairopt_pairs_per_s']:8.2f} pairs/s",
+        f"  {label + ' / TRL':<28}{result['ratio']:8.2f}x",
+    ]
+    if groups:
+        grouped = run_pairopt_groups(fresh_model(), groups, args, clock)[args.warmup :]
+        result["pairopt_group_step_s"] = grouped
+        result["pairopt_group_pairs_per_s"] = args.pairs_per_step / statistics.median(grouped)
+        result["group_ratio"] = result["pairopt_group_pairs_per_s"] / result["trl_pairs_per_s"]
+        lines += [
+            f"  {'pairopt (group-shared)':<28}{result['pairopt_group_pairs_per_s']:8.2f} pairs/s",
+            f"  {'pairopt (group-shared) / TRL':<28}{result['group_ratio']:8.2f}x",
+        ]
+    print("\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "peer.json").write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out / 'peer.json'}")
     return 0
+
+
+def peer_data(
+    args: argparse.Namespace,
+) -> tuple[list[dict], list[tuple[ResponseGroup, list[tuple[int, int]]]], str]:
+    """(pair rows, groups or [], a name): from --group-profile (setting --pairs-per-step to the
+    pairs of --groups-per-step prompts), else from --profile."""
+    if args.group_profile is None:
+        profiles = load_profiles()
+        if args.profile not in profiles:
+            raise PairoptError(f"--profile {args.profile!r}: choose from {', '.join(profiles)}.")
+        n = args.pairs_per_step * (args.steps + args.warmup)
+        return (
+            make_pairs(profiles[args.profile], n, args.jitter, args.vocab, args.seed),
+            [],
+            args.profile,
+        )
+    groups_profiles = load_group_profiles()
+    if args.group_profile not in groups_profiles:
+        raise PairoptError(
+            f"--group-profile {args.group_profile!r}: choose from {', '.join(groups_profiles)}."
+        )
+    n_groups = args.groups_per_step * (args.steps + args.warmup)
+    rows, groups = make_group_rows(
+        groups_profiles[args.group_profile],
+        n_groups,
+        args.group_pairs,
+        args.jitter,
+        args.vocab,
+        args.seed,
+    )
+    args.pairs_per_step = len(rows) // n_groups * args.groups_per_step  # the same k: same count
+    return rows, groups, f"{args.group_profile} (pairs={args.group_pairs})"
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from pairopt.bench.groups import GroupProfileResult
 from pairopt.bench.run import BASELINES, ProfileResult
 
 
@@ -60,6 +61,41 @@ def format_table(results: Sequence[ProfileResult]) -> str:
             f"{res.profile:<15}{res.ideal_speedup:>7.3f}"
             f"{sp_mode.speedup[res.best_baseline]:>32.3f}"
             f"{100 * (sp_mode.fraction_of_ideal or 0):>8.1f}%"
+        )
+    return "\n".join(lines)
+
+
+def format_group_table(results: Sequence[GroupProfileResult]) -> str:
+    """Group profiles: each mode's step time, pairs/s, memory and speed-ups, and the ideal."""
+    labels = [f"{res.profile} ({res.pairs})" for res in results]
+    w = max(len(label) for label in labels) + 2
+    head = (
+        f"{'profile':<{w}}{'mode':<14}{'step s':>8}{'tok/s':>9}{'pairs/s':>9}{'peak MiB':>10}"
+        f"{'x unshared':>11}{'x pair-sh.':>11}"
+    )
+    lines = []
+    for label, res in zip(labels, results, strict=True):
+        lines.append(
+            f"{label}: P~{res.prompt_tokens:.0f} C~{res.completion_tokens:.0f}, k = "
+            f"{res.responses}, {res.groups_per_step} prompts and {res.pairs_per_step:.0f} pairs "
+            f"per step; token ideal x{res.ideal_vs_unshared:.3f} over unshared, "
+            f"x{res.ideal_vs_pair_shared:.3f} over pair-shared"
+        )
+        lines.append(head)
+        for m in res.modes.values():
+            mem = "-" if m.peak_memory_mib is None else f"{m.peak_memory_mib:.0f}"
+            lines.append(
+                f"{label:<{w}}{m.mode:<14}{m.step_s:>8.3f}{m.tokens_per_s:>9.0f}"
+                f"{m.pairs_per_s:>9.2f}{mem:>10}{m.speedup['unshared']:>11.3f}"
+                f"{m.speedup['pair-shared']:>11.3f}"
+            )
+        lines.append("")
+    lines.append(f"{'profile':<{w}}{'ideal':>8}{'group-shared vs unshared':>26}{'% ideal':>9}")
+    for label, res in zip(labels, results, strict=True):
+        group = res.modes["group-shared"]
+        lines.append(
+            f"{label:<{w}}{res.ideal_vs_unshared:>8.3f}"
+            f"{group.speedup['unshared']:>26.3f}{100 * res.fraction_of_ideal:>8.1f}%"
         )
     return "\n".join(lines)
 

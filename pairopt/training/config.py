@@ -253,13 +253,16 @@ class OptimConfig(BaseModel):
     batch_size: int | None = Field(
         default=8,
         gt=0,
-        description="Pairs per micro-batch per process (a cap when batch_tokens is set).",
+        description="Pairs per micro-batch per process (a cap when batch_tokens is set); for a "
+        "listwise loss, groups. A prompt's group is never split: it counts all its pairs, and "
+        "goes alone when it has more.",
     )
     batch_tokens: int | None = Field(
         default=None,
         gt=0,
-        description="Token budget per micro-batch per process (prompt + chosen + rejected); null = "
-        "batch by pairs only.",
+        description="Token budget per micro-batch per process (prompt + chosen + rejected; with k "
+        "responses per prompt, the prompt once and every response once); null = batch by pairs "
+        "only.",
     )
     grad_accum: int = Field(
         default=1, gt=0, description="Micro-batches accumulated per optimiser step."
@@ -310,7 +313,12 @@ class EvalConfig(BaseModel):
         default=False,
         description="Also evaluate at the end of every epoch (TRL's eval_strategy: epoch).",
     )
-    batch_size: int = Field(default=32, gt=0, description="Pairs per evaluation forward.")
+    batch_size: int = Field(
+        default=32,
+        gt=0,
+        description="Groups (a prompt with its responses: a pair for pairwise rows) per "
+        "evaluation forward and per reference precompute forward.",
+    )
     at_end: bool = Field(
         default=True, description="Evaluate after the last step (the held-out accuracy printed)."
     )
