@@ -4,6 +4,7 @@ Importing pairopt is light: it loads nothing until a name is used, so the engine
 pydantic or datasets are absent (the loss registry and the trainer need them).
 
     pairopt.compute_logps(model, pairs)           the engine (pairopt/engine/)
+    pairopt.compute_group_logps(model, groups)    k responses per prompt, each computed once
     pairopt.register_loss, pairopt.build_loss      the loss registry (pairopt/loss/)
     pairopt.train(config) -> TrainResult           training (pairopt/training/)
 
@@ -25,13 +26,17 @@ _EXPORTS = {
     "ResponseGroup": "pairopt.pairs",
     "PairLogps": "pairopt.pairs",
     "ResponseLogps": "pairopt.pairs",
+    "GroupLogps": "pairopt.pairs",
     "PairoptError": "pairopt.errors",
     "UnsupportedModelError": "pairopt.errors",
     "compute_logps": "pairopt.engine.forward",
     "compute_response_logps": "pairopt.engine.forward",
+    "compute_group_logps": "pairopt.engine.forward",
     "disable_dropout": "pairopt.engine.compat",
     "PairLoss": "pairopt.loss.base",
     "ReferencePairLoss": "pairopt.loss.base",
+    "ListLoss": "pairopt.loss.listwise",
+    "ListLogps": "pairopt.loss.listwise",
     "LogRatios": "pairopt.loss.base",
     "LossOutput": "pairopt.loss.base",
     "register_loss": "pairopt.loss.registry",
@@ -45,6 +50,9 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "GroupLogps",
+    "ListLogps",
+    "ListLoss",
     "LogRatios",
     "LossOutput",
     "PairLogps",
@@ -59,6 +67,7 @@ __all__ = [
     "UnsupportedModelError",
     "available_losses",
     "build_loss",
+    "compute_group_logps",
     "compute_logps",
     "compute_response_logps",
     "disable_dropout",
@@ -70,11 +79,12 @@ __all__ = [
 
 if TYPE_CHECKING:
     from pairopt.engine.compat import disable_dropout
-    from pairopt.engine.forward import compute_logps, compute_response_logps
+    from pairopt.engine.forward import compute_group_logps, compute_logps, compute_response_logps
     from pairopt.errors import PairoptError, UnsupportedModelError
     from pairopt.loss.base import LogRatios, LossOutput, PairLoss, ReferencePairLoss
+    from pairopt.loss.listwise import ListLogps, ListLoss
     from pairopt.loss.registry import available_losses, build_loss, get_loss_class, register_loss
-    from pairopt.pairs import PairLogps, PreferencePair, ResponseGroup, ResponseLogps
+    from pairopt.pairs import GroupLogps, PairLogps, PreferencePair, ResponseGroup, ResponseLogps
     from pairopt.training.config import TrainConfig
     from pairopt.training.config_load import load_config
     from pairopt.training.trainer import TrainResult, train

@@ -8,6 +8,10 @@
   another one). Tone can be learnt without reading the prompt; format and topic cannot (a model
   blind to the prompt scores 50% on them), so held-out accuracy well above the tone share shows
   that the model conditions on the prompt.
+- `tiny-prefs-groups/{train,test}.jsonl`: the same kind of prompts, each with 3 to 6 responses
+  that differ in topic, tone and form at once, and a score per response (the ranked format:
+  `prompt`, `responses`, `scores`), from its own random stream (`GROUP_SEED`), so adding it left
+  `tiny-prefs` and the tokenizer unchanged.
 - `tiny-llama/`: `config.json` of a tiny `LlamaForCausalLM` (no weights: the trainer builds it
   with `from_config` and a seed) and a byte-level BPE tokenizer trained on the dataset text, with
   BOS/EOS/PAD and a small chat template so conversational data works too.

@@ -40,11 +40,6 @@ class GroupBatch:
     def num_responses(self) -> int:
         return sum(len(g.responses) for g in self.groups)
 
-    def mask(self) -> torch.Tensor:
-        """(G, K) bool: True where `scores` holds a response, False for padding."""
-        sizes = torch.tensor([len(g.responses) for g in self.groups])
-        return torch.arange(self.scores.shape[1])[None, :] < sizes[:, None]
-
     def tokens(self) -> int:
         """Tokens of the group-shared layout: sum over groups of P + n_1 + ... + n_k."""
         return sum(len(g.prompt) + sum(len(r) for r in g.responses) for g in self.groups)

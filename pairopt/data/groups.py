@@ -7,7 +7,8 @@ Every split the trainer sees is a dataset of groups (`GROUP_FEATURES`), one row 
     scores         their scores, higher is better (ranked data; empty for pairwise data)
     chosen_idx     the pairs: chosen_idx[m] is preferred to rejected_idx[m] (indices into
     rejected_idx   responses_ids)
-    rows           the source rows of the split the group came from (for messages)
+    rows           the rows of the split the group came from, counted among the rows kept
+                   after bad ones were skipped (for messages)
 
 Pairwise rows (`group_pairwise`): with `group_by_prompt`, rows whose tokenised prompts are
 equal become one group; a response that occurs in several of them (the same token ids) is kept

@@ -5,6 +5,7 @@ tiny-model preset -> a validated config), `flags.py` (`pairopt train` flags and 
 `models.py` (loading a causal LM; light), `policy.py` (the policy: tokenizer, dropout, LoRA,
 the module accelerate wraps), `reference.py` and `reference_cache.py` (the reference
 strategies, precomputed log-probs on disk), `schedule.py` (data order, optimiser, learning
-rate), `evaluation.py`, `run_log.py` (metrics, console, trackers), `checkpoint.py` (run
+rate), `loss_inputs.py` (what a loss of each kind receives from a batch of groups),
+`evaluation.py`, `run_log.py` (metrics, console, trackers), `checkpoint.py` (run
 directory, checkpoints, final save) and `trainer.py` (`setup`, `train_step`, `train`).
 """

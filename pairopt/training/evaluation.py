@@ -11,9 +11,10 @@ import torch
 from pairopt.data.batch import GroupBatch
 from pairopt.pairs import GroupLogps, offsets_of
 from pairopt.training.config import EvalConfig
-from pairopt.training.loss_inputs import apply_loss, pairs_in
+from pairopt.training.loss_inputs import apply_loss
 from pairopt.training.policy import Groups
 from pairopt.training.run_log import work_bar
+from pairopt.training.schedule import group_pairs
 
 
 class Evaluator:
@@ -71,7 +72,8 @@ class Evaluator:
         )
         metrics = {"loss": float(out.losses.mean())}
         metrics.update({key: float(value) for key, value in out.metrics.items()})
-        metrics["pairs"] = float(pairs_in(self.loss_fn, everything))
+        listwise = self.loss_fn.kind == "list"
+        metrics["pairs"] = float(sum(group_pairs(self.dataset, listwise=listwise)))
         if len(rows) != metrics["pairs"]:
             metrics["groups"] = float(len(rows))
         return metrics

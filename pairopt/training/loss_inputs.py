@@ -17,21 +17,13 @@ from pairopt.data.batch import GroupBatch
 from pairopt.data.load import PreferenceData
 from pairopt.errors import PairoptError
 from pairopt.loss.base import Loss, LossOutput
-from pairopt.loss.listwise import ListLogps, ordered_pairs
+from pairopt.loss.listwise import ListLogps
 from pairopt.pairs import GroupLogps
 
 
 def examples_in(loss_fn: Loss, batch: GroupBatch) -> int:
     """How many values the loss returns for `batch`: pairs, or groups for a listwise loss."""
     return len(batch.groups) if loss_fn.kind == "list" else batch.num_pairs
-
-
-def pairs_in(loss_fn: Loss, batch: GroupBatch) -> int:
-    """The pairs a loss trains on in `batch` (and its accuracy counts): the batch's pairs, or
-    for a listwise loss every two responses of a group whose scores differ."""
-    if loss_fn.kind == "list":
-        return int(ordered_pairs(batch.scores, batch.mask()).sum())
-    return batch.num_pairs
 
 
 def loss_inputs(
