@@ -3,10 +3,12 @@
 The ranked twin of `pairopt.data.rows.RowTokenizer`, with the same rules: texts as they are,
 or conversations through the chat template (the prompt with `add_generation_prompt=True`, a
 response is what prompt + response renders after the rendered prompt; a response given as a
-string under a conversational prompt is one assistant message); the prompt with special tokens,
-each response without them plus one EOS; the prompt truncated first, then every response to
-`max_completion_length` and to `max_length - len(prompt)`. Like `RowTokenizer` it never drops a
-row itself: it writes a status per row, and `pairopt.data.load` filters and counts.
+string under a conversational prompt is one assistant message); tokenised as running text
+(the responses start where the ids of prompt + response depart from the prompt's, the earliest
+over the k responses, so all share one prompt; `RowTokenizer.tokenize`), EOS as there; the
+prompt truncated first, then every response to `max_completion_length` and to
+`max_length - len(prompt)`. Like `RowTokenizer` it never drops a row itself: it writes a status
+per row, and `pairopt.data.load` filters and counts.
 
 Where the responses and scores are (`DataConfig`):
 
@@ -46,6 +48,7 @@ RANKED_FEATURES = datasets.Features(
         "_status": datasets.Value("string"),
         "_prompt_truncated": datasets.Value("bool"),
         "_response_truncated": datasets.Value("bool"),
+        "_resplit": datasets.Value("bool"),  # the prompt/response boundary moved
     }
 )
 
@@ -135,6 +138,30 @@ class RankedRowTokenizer(RowTokenizer):
 
     # -- token ids ----------------------------------------------------------------------------
 
+    def tokenize_group(
+        self, prompts: list[str], responses: list[list[str]]
+    ) -> list[tuple[list[int], list[list[int]], bool]]:
+        """(prompt, responses) ids of each row and whether its boundary moved: the running-text
+        rule of `RowTokenizer.tokenize` for k responses (one cut for all of them)."""
+        special = not self.data_format.messages
+
+        def ids(texts: list[str], add: bool = special) -> list[list[int]]:
+            return self.tokenizer(texts, add_special_tokens=add, verbose=False)["input_ids"]
+
+        alone = ids(prompts)
+        joined = ids([p + r for p, rs in zip(prompts, responses, strict=True) for r in rs])
+        apart = ids([r for rs in responses for r in rs], add=False)
+        rows, start = [], 0
+        for prompt, text, texts in zip(alone, prompts, responses, strict=True):
+            mine = range(start, start + len(texts))
+            start += len(texts)
+            cut = min(_shared(prompt, joined[m]) for m in mine)
+            p = self.prompt_ids(prompt[:cut], text)
+            rs = [self.response_ids(joined[m][cut:], t) for m, t in zip(mine, texts, strict=True)]
+            separate = [self.response_ids(apart[m], t) for m, t in zip(mine, texts, strict=True)]
+            rows.append((p, rs, (p, rs) != (self.prompt_ids(prompt, text), separate)))
+        return rows
+
     def truncate_group(
         self, prompt: list[int], responses: list[list[int]]
     ) -> tuple[list[int], list[list[int]], bool, bool, bool]:
@@ -154,6 +181,7 @@ class RankedRowTokenizer(RowTokenizer):
         out["_status"] = [""] * n
         out["_prompt_truncated"] = [False] * n
         out["_response_truncated"] = [False] * n
+        out["_resplit"] = [False] * n
         good, texts = [], []
         for i, index in enumerate(indices):
             try:
@@ -165,28 +193,20 @@ class RankedRowTokenizer(RowTokenizer):
                 out["_status"][i] = f"skip:{bad.reason}"
         if not good:
             return out
-        tok = self.tokenizer
-        prompts = [t[0] for t in texts]
-        flat = [r for t in texts for r in t[1]]
-        prompt_ids = tok(prompts, add_special_tokens=True, verbose=False)["input_ids"]
-        response_ids = tok(flat, add_special_tokens=False, verbose=False)["input_ids"]
-        start = 0
-        for j, i in enumerate(good):
-            k = len(texts[j][1])
-            ids = [self.response_ids(response_ids[start + m], flat[start + m]) for m in range(k)]
-            start += k
-            p = self.prompt_ids(prompt_ids[j], prompts[j])
+        tokenised = self.tokenize_group([t[0] for t in texts], [t[1] for t in texts])
+        for (p, ids, moved), i, (_, _, scores) in zip(tokenised, good, texts, strict=True):
             if not p:
                 empty = BadRow("empty_prompt", "the prompt is empty and the tokenizer adds no BOS")
                 if self.cfg.on_bad_row == "error":
                     raise self.fail(indices[i], empty)
                 out["_status"][i] = f"skip:{empty.reason}"
                 continue
+            out["_resplit"][i] = moved
             p, ids, prompt_cut, response_cut, drop = self.truncate_group(p, ids)
             if drop:
                 out["_status"][i] = "drop:no_room_for_response"
                 continue
-            out["prompt_ids"][i], out["responses_ids"][i], out["scores"][i] = p, ids, texts[j][2]
+            out["prompt_ids"][i], out["responses_ids"][i], out["scores"][i] = p, ids, scores
             out["_prompt_truncated"][i], out["_response_truncated"][i] = prompt_cut, response_cut
         return out
 
@@ -195,3 +215,13 @@ def _is_empty(value: str | list[dict[str, str]]) -> bool:
     if isinstance(value, str):
         return not value.strip()
     return not any(m["content"].strip() for m in value)
+
+
+def _shared(a: list[int], b: list[int]) -> int:
+    """The length of the common prefix of two id lists."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
