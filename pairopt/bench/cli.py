@@ -269,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         "profiles": [asdict(r) for r in results],
         "group_profiles": [asdict(r) for r in groups],
     }
+    if groups:
+        report["group_options"] = {"pairs": group_pairs, "groups_per_step": args.groups_per_step}
     (args.out / "bench.json").write_text(json.dumps(report, indent=1))
     (args.out / "bench.txt").write_text(table + "\n")
     print(f"wrote {args.out / 'bench.json'}")
