@@ -240,9 +240,9 @@ def test_example_configs_validate(example: Path) -> None:
     if data.get("model", {}).get("lora") is not None:
         pytest.importorskip("peft")
     cfg = load_config(example)
-    assert (
-        cfg.model.name_or_path.startswith("Qwen/")
-        and cfg.data.dataset == "trl-lib/ultrafeedback_binarized"
+    assert cfg.model.name_or_path.startswith("Qwen/") and cfg.data.dataset in (
+        "trl-lib/ultrafeedback_binarized",
+        "princeton-nlp/llama3-ultrafeedback-armorm",  # qwen-onpolicy-groups.yaml: ranked
     )
 
 

@@ -262,6 +262,13 @@ def test_bad_ranked_rows_name_the_row_or_are_skipped(
     assert len(data.train) == 1 and data.report.skipped == {reason: 1}
 
 
+def test_no_pair_left_is_one_error(tmp_path: Path, tok: Any) -> None:
+    rows = [{"prompt": PROMPT, "responses": [" A.", " B."], "scores": [1, 1.5]}]
+    path = write_jsonl(tmp_path / "close.jsonl", rows)
+    with pytest.raises(PairoptError, match=r"No training pairs are left.*min_score_gap=1.0"):
+        load(path, tok, min_score_gap=1.0)
+
+
 def test_ranked_truncation_cuts_each_response(tmp_path: Path, tok: Any) -> None:
     long = " The roses are green and the soil is dark and the seeds are small."
     row = {"prompt": PROMPT, "responses": [long, " No."], "scores": [2, 1]}

@@ -39,6 +39,7 @@ import datasets
 from pairopt.data.config import DataConfig
 from pairopt.data.load import PreferenceData
 from pairopt.data.report import GroupStats
+from pairopt.errors import PairoptError
 
 GROUP_FEATURES = datasets.Features(
     {
@@ -76,6 +77,11 @@ def make_groups(data: PreferenceData, cfg: DataConfig, *, all_responses: bool) -
         if stats is not None:
             splits[i] = dataclasses.replace(split, groups=stats)
     report = dataclasses.replace(data.report, splits=splits)
+    if len(train) == 0:
+        raise PairoptError(
+            f"No training pairs are left: every prompt's scores tie (or differ by less than "
+            f"data.min_score_gap={cfg.min_score_gap}). {report}"
+        )
     return PreferenceData(train=train, eval=eval_ds, report=report, ranked=data.ranked)
 
 
