@@ -14,7 +14,7 @@ from pairopt.training.config import EvalConfig
 from pairopt.training.loss_inputs import apply_loss
 from pairopt.training.policy import Groups
 from pairopt.training.run_log import work_bar
-from pairopt.training.schedule import group_pairs
+from pairopt.training.schedule import group_pair_counts
 
 
 class Evaluator:
@@ -73,7 +73,7 @@ class Evaluator:
         metrics = {"loss": float(out.losses.mean())}
         metrics.update({key: float(value) for key, value in out.metrics.items()})
         listwise = self.loss_fn.kind == "list"
-        metrics["pairs"] = float(sum(group_pairs(self.dataset, listwise=listwise)))
+        metrics["pairs"] = float(sum(group_pair_counts(self.dataset, listwise=listwise)))
         if len(rows) != metrics["pairs"]:
             metrics["groups"] = float(len(rows))
         return metrics

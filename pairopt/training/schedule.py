@@ -57,7 +57,7 @@ def group_examples(dataset: Any, per_group: bool) -> list[int]:
     return column.value_lengths().to_pylist()
 
 
-def group_pairs(dataset: Any, *, listwise: bool) -> list[int]:
+def group_pair_counts(dataset: Any, *, listwise: bool) -> list[int]:
     """The pairs each group trains: its pairs, or (listwise) every two responses whose scores
     differ (the pairs its loss ranks and its accuracy counts)."""
     if not listwise:

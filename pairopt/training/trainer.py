@@ -85,7 +85,7 @@ from pairopt.training.schedule import (
     check_row_budget,
     group_examples,
     group_lengths,
-    group_pairs,
+    group_pair_counts,
     lr_multiplier,
 )
 
@@ -137,7 +137,7 @@ class Run:
     reference: Any  # a Reference (pairopt.training.reference) or None
     ref_cache_hit: bool | None
     plan: BatchPlan
-    pairs: list[int]  # pairs each train group trains (pairopt.training.schedule.group_pairs)
+    pairs: list[int]  # pairs each train group trains (pairopt.training.schedule.group_pair_counts)
     total_steps: int
     start_step: int
     evaluator: Evaluator
@@ -260,7 +260,7 @@ def setup(cfg: TrainConfig, *, quiet: bool = False) -> Run:
         reference,
         ref_cache_hit,
         plan,
-        group_pairs(data.train, listwise=loss_fn.kind == "list"),
+        group_pair_counts(data.train, listwise=loss_fn.kind == "list"),
         total_steps,
         0,
         evaluator,
