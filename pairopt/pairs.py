@@ -8,7 +8,8 @@ are defined here once (`shared_length`, `unshared_length`, `row_need`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -74,6 +75,27 @@ class GroupLogps:
     logps: torch.Tensor
     tokens: torch.Tensor
     offsets: torch.Tensor
+    # Per-token values asked of the engine (pairopt.engine.logps.TOKEN_STATISTICS), flat (T,):
+    # response r's tokens are at token_offsets()[r]:token_offsets()[r + 1], in order.
+    token_values: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def token_offsets(self) -> torch.Tensor:
+        """(R + 1,) long: where each response's tokens start in `token_values`."""
+        return torch.cat([self.tokens.new_zeros(1), self.tokens.cumsum(0)])
+
+    def per_token(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """(N, L) the per-token `name` of the responses at flat indices `index`, right-padded
+        with 0 to L = the longest of them (a response's count in `tokens` says where it ends)."""
+        values_T = self.token_values[name]
+        counts_N = self.tokens[index]
+        L = int(counts_N.max()) if counts_N.numel() else 0
+        starts_N = self.token_offsets()[index]
+        steps_L = torch.arange(L, device=counts_N.device)
+        mask_NL = steps_L[None, :] < counts_N[:, None]
+        positions_NL = (starts_N[:, None] + steps_L[None, :]).clamp(max=max(len(values_T) - 1, 0))
+        if not len(values_T):
+            return values_T.new_zeros(len(index), L)
+        return values_T[positions_NL] * mask_NL.to(values_T.dtype)
 
     @property
     def sizes(self) -> list[int]:
@@ -87,7 +109,14 @@ class GroupLogps:
     def pairs(self, chosen: torch.Tensor, rejected: torch.Tensor) -> PairLogps:
         """PairLogps (N,) of the responses at flat indices `chosen` (N,) and `rejected` (N,)."""
         return PairLogps(
-            self.logps[chosen], self.logps[rejected], self.tokens[chosen], self.tokens[rejected]
+            self.logps[chosen],
+            self.logps[rejected],
+            self.tokens[chosen],
+            self.tokens[rejected],
+            {
+                name: (self.per_token(name, chosen), self.per_token(name, rejected))
+                for name in self.token_values
+            },
         )
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -116,23 +145,38 @@ class GroupLogps:
         spans = [range(bounds[g], bounds[g + 1]) for g in groups]
         index = torch.tensor([i for span in spans for i in span], dtype=torch.long)
         index = index.to(self.logps.device)
+        values = {}
+        if self.token_values:
+            starts = self.token_offsets().tolist()
+            token_index = torch.tensor(
+                [t for i in index.tolist() for t in range(starts[i], starts[i + 1])],
+                dtype=torch.long,
+                device=self.logps.device,
+            )
+            values = {name: v[token_index] for name, v in self.token_values.items()}
         return GroupLogps(
-            self.logps[index], self.tokens[index], offsets_of([len(s) for s in spans])
+            self.logps[index], self.tokens[index], offsets_of([len(s) for s in spans]), values
         )
 
     def detach(self) -> GroupLogps:
-        return GroupLogps(self.logps.detach(), self.tokens, self.offsets)
+        values = {name: v.detach() for name, v in self.token_values.items()}
+        return GroupLogps(self.logps.detach(), self.tokens, self.offsets, values)
 
     def to(self, device: torch.device | str) -> GroupLogps:
-        return GroupLogps(self.logps.to(device), self.tokens.to(device), self.offsets.to(device))
+        values = {name: v.to(device) for name, v in self.token_values.items()}
+        return GroupLogps(
+            self.logps.to(device), self.tokens.to(device), self.offsets.to(device), values
+        )
 
     @staticmethod
     def cat(parts: Sequence[GroupLogps]) -> GroupLogps:
         sizes = [n for p in parts for n in p.sizes]
+        names = parts[0].token_values.keys() if parts else []
         return GroupLogps(
             torch.cat([p.logps for p in parts]),
             torch.cat([p.tokens for p in parts]),
             offsets_of(sizes),
+            {name: torch.cat([p.token_values[name] for p in parts]) for name in names},
         )
 
 
@@ -168,39 +212,51 @@ class PairLogps:
     rejected_logps: torch.Tensor
     chosen_tokens: torch.Tensor
     rejected_tokens: torch.Tensor
+    # Per-token values a loss asked for (pairopt.engine.logps.TOKEN_STATISTICS): name ->
+    # (chosen (N, Lc), rejected (N, Lr)), right-padded with 0 past each response's count.
+    token_values: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.chosen_logps.shape[0])
 
-    def detach(self) -> PairLogps:
+    def _map(self, fn: Any, tokens: Any = None) -> PairLogps:
+        keep = tokens or (lambda t: t)
         return PairLogps(
-            self.chosen_logps.detach(),
-            self.rejected_logps.detach(),
-            self.chosen_tokens,
-            self.rejected_tokens,
+            fn(self.chosen_logps),
+            fn(self.rejected_logps),
+            keep(self.chosen_tokens),
+            keep(self.rejected_tokens),
+            {name: (fn(c), fn(r)) for name, (c, r) in self.token_values.items()},
         )
+
+    def detach(self) -> PairLogps:
+        return self._map(lambda t: t.detach())
 
     def to(self, device: torch.device | str) -> PairLogps:
-        return PairLogps(
-            self.chosen_logps.to(device),
-            self.rejected_logps.to(device),
-            self.chosen_tokens.to(device),
-            self.rejected_tokens.to(device),
-        )
+        return self._map(lambda t: t.to(device), lambda t: t.to(device))
 
     def __getitem__(self, index: torch.Tensor | slice | Sequence[int]) -> PairLogps:
-        return PairLogps(
-            self.chosen_logps[index],
-            self.rejected_logps[index],
-            self.chosen_tokens[index],
-            self.rejected_tokens[index],
-        )
+        return self._map(lambda t: t[index], lambda t: t[index])
 
     @staticmethod
     def cat(parts: Sequence[PairLogps]) -> PairLogps:
+        names = parts[0].token_values.keys() if parts else []
         return PairLogps(
             torch.cat([p.chosen_logps for p in parts]),
             torch.cat([p.rejected_logps for p in parts]),
             torch.cat([p.chosen_tokens for p in parts]),
             torch.cat([p.rejected_tokens for p in parts]),
+            {
+                name: (
+                    _cat_padded([p.token_values[name][0] for p in parts]),
+                    _cat_padded([p.token_values[name][1] for p in parts]),
+                )
+                for name in names
+            },
         )
+
+
+def _cat_padded(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Rows of (N_i, L_i) tensors into one (ΣN_i, max L_i), right-padded with 0."""
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])

@@ -13,7 +13,7 @@ k, and every response once, however many pairs it is in.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 from pairopt.engine.attention import model_inputs, resolve_backend, set_implementation
 from pairopt.engine.compat import check_dropout, check_shareable, unsupported_reason
 from pairopt.engine.layout import Layout, build_layout
-from pairopt.engine.logps import default_chunk_size, make_head, token_logps, vocab_size
+from pairopt.engine.logps import default_chunk_size, make_head, token_values, vocab_size
 from pairopt.errors import PairoptError
 from pairopt.pairs import (
     GroupLogps,
@@ -35,13 +35,20 @@ from pairopt.pairs import (
 
 
 def forward_layout_groups(
-    model: nn.Module, layout: Layout, *, backend: str = "auto", chunk_size: int | None = None
+    model: nn.Module,
+    layout: Layout,
+    *,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    statistics: Iterable[str] = (),
 ) -> GroupLogps:
     """Run a prepared layout through the model; `backend` must be usable for the model.
 
     `layout` comes from `build_layout` on the CPU; it moves to the model's device here, after
     anything derived on the host (the varlen plan) has been derived from the CPU copy. Returns
-    every response's summed log-prob and token count, flat (R,), in group order."""
+    every response's summed log-prob and token count, flat (R,), in group order, and the
+    per-token `statistics` asked for (pairopt.engine.logps.TOKEN_STATISTICS), flat in response
+    order."""
     device = next(model.parameters()).device
     host, layout = layout, layout.to(device)
     if unsupported_reason(model) is not None:
@@ -59,11 +66,18 @@ def forward_layout_groups(
     hidden_TD = hidden_BLD.reshape(-1, hidden_BLD.shape[-1])[layout.score_src]  # (T, D)
     if chunk_size is None:
         chunk_size = default_chunk_size(vocab_size(model))
-    logps_T = token_logps(make_head(model), hidden_TD, layout.score_tgt, chunk_size)
+    wanted = frozenset(statistics)
+    values = token_values(make_head(model), hidden_TD, layout.score_tgt, chunk_size, wanted)
+    logps_T = values["logps"]
     R = layout.num_responses
     sums_R = logps_T.new_zeros(R).index_add(0, layout.score_owner, logps_T)
     counts_R = torch.bincount(layout.score_owner, minlength=R)
-    return GroupLogps(sums_R, counts_R, offsets_of(layout.sizes).to(device))
+    per_token = {}
+    if wanted:
+        # a response's tokens are contiguous and in order in T; responses are in packing order
+        order_T = torch.argsort(layout.score_owner, stable=True)
+        per_token = {name: values[name][order_T] for name in wanted}
+    return GroupLogps(sums_R, counts_R, offsets_of(layout.sizes).to(device), per_token)
 
 
 def forward_layout(
@@ -83,6 +97,7 @@ def compute_group_logps(
     max_tokens_per_row: int | None = None,
     bucket_size: int = 64,
     chunk_size: int | None = None,
+    statistics: Iterable[str] = (),
 ) -> GroupLogps:
     """Summed log-probs and token counts of every response of every group, flat (R,), for
     groups of any sizes (k_g >= 1, mixed in one call and in one packed row).
@@ -108,7 +123,9 @@ def compute_group_logps(
         max_tokens_per_row=max_tokens_per_row,
         bucket_size=bucket_size,
     )
-    return forward_layout_groups(model, layout, backend=backend, chunk_size=chunk_size)
+    return forward_layout_groups(
+        model, layout, backend=backend, chunk_size=chunk_size, statistics=statistics
+    )
 
 
 def compute_response_logps(
@@ -156,20 +173,24 @@ def compute_logps(
     max_tokens_per_row: int | None = None,
     bucket_size: int = 64,
     chunk_size: int | None = None,
+    statistics: Iterable[str] = (),
 ) -> PairLogps:
     """Per-pair summed log-probs and token counts of chosen and rejected; differentiable.
 
     Exactly the numbers of the classic unshared computation (see the module docstring), with
-    the prompt computed once per pair. Options as in `compute_response_logps`.
+    the prompt computed once per pair. Options as in `compute_group_logps`; `statistics` adds
+    per-token values to `PairLogps.token_values` (pairopt.engine.logps.TOKEN_STATISTICS).
     """
-    groups = [pair.as_group() for pair in pairs]
-    return compute_response_logps(
+    out = compute_group_logps(
         model,
-        groups,
+        [pair.as_group() for pair in pairs],
         share_prefix=share_prefix,
         backend=backend,
         packing=packing,
         max_tokens_per_row=max_tokens_per_row,
         bucket_size=bucket_size,
         chunk_size=chunk_size,
-    ).as_pairs()
+        statistics=statistics,
+    )
+    index = torch.arange(2 * len(pairs), device=out.logps.device)
+    return out.pairs(index[0::2], index[1::2])

@@ -68,28 +68,77 @@ def make_head(model: nn.Module) -> Head:
     return head
 
 
-def _chunk_logps(head: Head, hidden_CD: torch.Tensor, target_C: torch.Tensor) -> torch.Tensor:
+# Per-token values the engine can give besides the summed log-probs, by name (a loss declares the
+# ones it needs; pairopt.loss.base). Each is one value per scored token.
+TOKEN_STATISTICS = {
+    "logps": "log p(y_t): the token's log-prob (differentiable)",
+    "log_sq_mass": "log Σ_v p_v²: the log of the squared probability mass at the position "
+    "(detached; WPO's sampled alignment)",
+}
+
+
+def check_statistics(statistics: frozenset[str]) -> None:
+    unknown = sorted(statistics - set(TOKEN_STATISTICS))
+    if unknown:
+        raise ValueError(
+            f"unknown token statistics {unknown}; the engine gives {sorted(TOKEN_STATISTICS)}"
+        )
+
+
+def _chunk_logps(
+    head: Head, hidden_CD: torch.Tensor, target_C: torch.Tensor, sq_mass: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     logits_CV = head(hidden_CD)
     if logits_CV.dtype not in (torch.float32, torch.float64):
         logits_CV = logits_CV.float()  # log-softmax in fp32 at least, whatever the model dtype
+    lse_C = logits_CV.logsumexp(-1)
     picked_C = logits_CV.gather(-1, target_C[:, None]).squeeze(-1)
-    return picked_C - logits_CV.logsumexp(-1)
+    if not sq_mass:
+        return picked_C - lse_C
+    with torch.no_grad():  # log Σ_v p_v² = logsumexp(2·log p): no gradient (WPO detaches it)
+        sq_C = (2 * (logits_CV - lse_C[:, None])).logsumexp(-1)
+    return picked_C - lse_C, sq_C
+
+
+def token_values(
+    head: Head,
+    hidden_TD: torch.Tensor,
+    target_T: torch.Tensor,
+    chunk_size: int = 1024,
+    statistics: frozenset[str] = frozenset(),
+) -> dict[str, torch.Tensor]:
+    """{"logps": (T,)} and each requested statistic of TOKEN_STATISTICS, (T,), computed in the
+    same chunks as the log-probs (one head call per chunk whatever is asked).
+
+    Naive equivalent of "log_sq_mass": `logits.log_softmax(-1).mul(2).logsumexp(-1)` on the
+    full (T, V) logits (tests/test_token_statistics.py).
+    """
+    check_statistics(statistics)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    sq_mass = "log_sq_mass" in statistics
+    logps, squares = [], []
+    for start in range(0, hidden_TD.shape[0], chunk_size):
+        h_CD = hidden_TD[start : start + chunk_size]
+        t_C = target_T[start : start + chunk_size]
+        if torch.is_grad_enabled():
+            out = checkpoint(_chunk_logps, head, h_CD, t_C, sq_mass, use_reentrant=False)
+        else:
+            out = _chunk_logps(head, h_CD, t_C, sq_mass)
+        if sq_mass:
+            logps.append(out[0])
+            squares.append(out[1])
+        else:
+            logps.append(out)
+    empty = hidden_TD.new_zeros(0, dtype=torch.float32)
+    values = {"logps": torch.cat(logps) if logps else empty}
+    if sq_mass:
+        values["log_sq_mass"] = torch.cat(squares) if squares else empty
+    return values
 
 
 def token_logps(
     head: Head, hidden_TD: torch.Tensor, target_T: torch.Tensor, chunk_size: int = 1024
 ) -> torch.Tensor:
     """(T,) log-probs (fp32, or fp64 for an fp64 model) of `target_T` under `head(hidden_TD)`; see the module docstring."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    parts = []
-    for start in range(0, hidden_TD.shape[0], chunk_size):
-        h_CD = hidden_TD[start : start + chunk_size]
-        t_C = target_T[start : start + chunk_size]
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(_chunk_logps, head, h_CD, t_C, use_reentrant=False))
-        else:
-            parts.append(_chunk_logps(head, h_CD, t_C))
-    if not parts:
-        return hidden_TD.new_zeros(0, dtype=torch.float32)
-    return torch.cat(parts)
+    return token_values(head, hidden_TD, target_T, chunk_size)["logps"]
