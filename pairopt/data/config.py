@@ -121,7 +121,9 @@ class DataConfig(pydantic.BaseModel):
     )
     on_bad_row: Literal["error", "skip"] = Field(
         "error",
-        description="A bad row (wrong type, empty response, chosen == rejected, empty prompt): "
+        description="A bad row (wrong type, empty or whitespace prompt or response, chosen == "
+        "rejected also after truncation, unknown message role, a response not ending with an "
+        "assistant turn, prompt + response longer than the model's context without max_length): "
         "fail naming the row, or skip it and count it in the data report.",
     )
     max_samples: int | None = Field(

@@ -41,6 +41,7 @@ from typing import Any
 import datasets
 
 from pairopt.data.config import DataConfig
+from pairopt.data.files import check_utf8, unused_files
 from pairopt.data.formats import DataFormat, detect_format
 from pairopt.data.ranked_rows import RANKED_FEATURES, RankedRowTokenizer
 from pairopt.data.report import DataReport, SplitReport
@@ -91,8 +92,10 @@ def _load_dataset_dict(cfg: DataConfig) -> tuple[datasets.DatasetDict, str]:
             start = file.read(1 << 16)
         if not start.strip() and path.stat().st_size <= len(start):
             raise PairoptError(f"Cannot read {path}: the file is empty (no pairs in it).")
+        check_utf8([path])
         where, args, kwargs = str(path), (builder,), {"data_files": str(path), **common}
     elif path.is_dir():
+        check_utf8(sorted(path.rglob("*")))
         where, args, kwargs = str(path), (str(path),), {"name": cfg.subset, **common}
     elif looks_like_data_file(spec):
         raise PairoptError(
@@ -135,10 +138,11 @@ def _tokenize_split(
     where: str,
     split: str,
     report_name: str,
+    max_tokens: int | None = None,
 ) -> tuple[datasets.Dataset, SplitReport]:
     row_tokenizer = RankedRowTokenizer if data_format.ranked else RowTokenizer
     processed = raw.map(
-        row_tokenizer(tokenizer, cfg, data_format, where, split),
+        row_tokenizer(tokenizer, cfg, data_format, where, split, max_tokens),
         batched=True,
         with_indices=True,
         remove_columns=raw.column_names,
@@ -168,11 +172,15 @@ def _tokenize_split(
     return kept.remove_columns(STATUS_COLUMNS), report
 
 
-def load_preference_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 0) -> PreferenceData:
+def load_preference_data(
+    cfg: DataConfig, tokenizer: Any, *, seed: int = 0, max_tokens: int | None = None
+) -> PreferenceData:
     """Read, check, tokenise and truncate the pairs of `cfg`; see the module docstring.
 
     `seed` only matters when the eval pairs are held out from train (`eval_fraction`).
-    Raises PairoptError for anything the user must fix (missing file, column, bad row, ...).
+    `max_tokens`: the model's context; without data.max_length, a pair whose prompt + response
+    is longer is a bad row (`too_long`). Raises PairoptError for anything the user must fix
+    (missing file, column, bad row, ...).
     """
     if tokenizer.eos_token_id is None:
         raise PairoptError(
@@ -195,10 +203,10 @@ def load_preference_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 0) -> P
             "template. Use a tokenizer with one (set tokenizer.chat_template) or standard-format data."
         )
     train, train_report = _tokenize_split(
-        train_raw, cfg, tokenizer, data_format, where, cfg.train_split, "train"
+        train_raw, cfg, tokenizer, data_format, where, cfg.train_split, "train", max_tokens
     )
     train, eval_ds, eval_report, eval_source = _eval_split(
-        splits, train, cfg, tokenizer, where, seed
+        splits, train, cfg, tokenizer, where, seed, max_tokens
     )
     reports = [train_report] + ([eval_report] if eval_report is not None else [])
 
@@ -208,7 +216,14 @@ def load_preference_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 0) -> P
             f", because there is no {cfg.prompt_column!r} column: the shared beginning of "
             "chosen and rejected is the prompt; set data.prompt_column if another column holds it"
         )
-    report = DataReport(source=where, format=format_name, splits=reports, eval_source=eval_source)
+    used = [cfg.train_split] + ([str(cfg.eval_split)] if eval_report is not None else [])
+    report = DataReport(
+        source=where,
+        format=format_name,
+        splits=reports,
+        eval_source=eval_source,
+        unused_files=unused_files(cfg, used),
+    )
     if len(train) == 0:
         raise PairoptError(f"No usable training pairs are left. {report}")
     return PreferenceData(train=train, eval=eval_ds, report=report, ranked=data_format.ranked)
@@ -221,6 +236,7 @@ def _eval_split(
     tokenizer: Any,
     where: str,
     seed: int,
+    max_tokens: int | None = None,
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, SplitReport | None, str]:
     """(train, eval pairs, the eval split's report, a line saying where they came from): the
     eval split tokenised, or a seeded fraction held out from `train` (no report of its own)."""
@@ -230,7 +246,7 @@ def _eval_split(
             eval_raw = eval_raw.select(range(min(cfg.max_eval_samples, len(eval_raw))))
         eval_format = detect_format(eval_raw, cfg, where, cfg.eval_split)
         eval_ds, eval_report = _tokenize_split(
-            eval_raw, cfg, tokenizer, eval_format, where, cfg.eval_split, "eval"
+            eval_raw, cfg, tokenizer, eval_format, where, cfg.eval_split, "eval", max_tokens
         )
         return train, eval_ds, eval_report, f"split {cfg.eval_split!r}, {len(eval_ds)} pairs"
     if cfg.eval_fraction > 0 and len(train) > 0:  # none left: reported by the caller, with why

@@ -33,7 +33,13 @@ from typing import Any
 
 import datasets
 
-from pairopt.data.rows import BadRow, RowTokenizer, check_messages, check_text
+from pairopt.data.rows import (
+    BadRow,
+    RowTokenizer,
+    check_assistant_end,
+    check_messages,
+    check_text,
+)
 
 RANKED_BAD_ROW_REASONS = {
     "too_few_responses": "fewer than two responses",
@@ -119,11 +125,18 @@ class RankedRowTokenizer(RowTokenizer):
             )
         check = check_messages if self.data_format.messages else check_text
         prompt: Any = check(batch[cfg.prompt_column][i], cfg.prompt_column)
+        if _is_empty(prompt):
+            raise BadRow(
+                "empty_prompt",
+                f"column {cfg.prompt_column!r} is empty or only whitespace (nothing to respond to)",
+            )
         responses = [self._response(item, j) for j, item in enumerate(items)]
         scores = self._scores(batch, i, items)
         for j, value in enumerate(responses):
             if _is_empty(value):
                 raise BadRow("empty_response", f"{cfg.responses_column}[{j}] is empty")
+            if self.data_format.messages:
+                check_assistant_end(value, f"{cfg.responses_column}[{j}]")
         if not self.data_format.messages:
             return prompt, responses, scores
         prompt_text = self._render(prompt, generation_prompt=True)
@@ -194,15 +207,22 @@ class RankedRowTokenizer(RowTokenizer):
         if not good:
             return out
         tokenised = self.tokenize_group([t[0] for t in texts], [t[1] for t in texts])
+        column = self.cfg.responses_column
         for (p, ids, moved), i, (_, _, scores) in zip(tokenised, good, texts, strict=True):
-            if not p:
-                empty = BadRow("empty_prompt", "the prompt is empty and the tokenizer adds no BOS")
+            try:
+                if not p:
+                    raise BadRow(
+                        "empty_prompt", "the prompt is empty and the tokenizer adds no BOS"
+                    )
+                p, ids, prompt_cut, response_cut, drop = self.truncate_group(p, ids)
+                if not drop:
+                    self.check_length(p, {f"{column}[{j}]": r for j, r in enumerate(ids)})
+            except BadRow as bad:
                 if self.cfg.on_bad_row == "error":
-                    raise self.fail(indices[i], empty)
-                out["_status"][i] = f"skip:{empty.reason}"
+                    raise self.fail(indices[i], bad) from None
+                out["_status"][i] = f"skip:{bad.reason}"
                 continue
             out["_resplit"][i] = moved
-            p, ids, prompt_cut, response_cut, drop = self.truncate_group(p, ids)
             if drop:
                 out["_status"][i] = "drop:no_room_for_response"
                 continue

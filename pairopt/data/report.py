@@ -114,6 +114,7 @@ class DataReport:
     format: str  # resolved format: standard, conversational, implicit (text) or implicit (messages)
     splits: list[SplitReport]
     eval_source: str  # where the eval pairs came from, or why there are none
+    unused_files: list[str] = field(default_factory=list)  # of a data folder, with why
 
     @property
     def rows_read(self) -> int:
@@ -137,8 +138,10 @@ class DataReport:
 
     def __str__(self) -> str:
         splits = "; ".join(str(s) for s in self.splits)
+        unused = f" Not used: {', '.join(self.unused_files)}." if self.unused_files else ""
         return (
             f"Data from {self.source} ({self.format} format). {splits}. Eval: {self.eval_source}."
+            f"{unused}"
         )
 
 

@@ -30,10 +30,16 @@ from pairopt.errors import PairoptError
 BAD_ROW_REASONS = {
     "wrong_type": "a value has the wrong type",
     "empty_response": "a response is empty",
-    "chosen_equals_rejected": "chosen == rejected",
-    "empty_prompt": "the prompt has no tokens (nothing for the first response token to follow)",
+    "chosen_equals_rejected": "chosen == rejected (as written, or after truncation)",
+    "empty_prompt": "the prompt is empty or only whitespace, or has no tokens",
     "chat_template": "the chat template failed or did not render the prompt as a prefix of the conversation",
+    "unknown_role": "a message has a role other than KNOWN_ROLES",
+    "response_not_assistant": "a conversational response does not end with an assistant turn",
+    "too_long": "prompt + response is longer than the model's context (with no data.max_length)",
 }
+# The roles chat templates know (OpenAI's and Hugging Face's conventions; ipython: Llama 3.1's
+# tool results). Anything else is most often a converted dataset's "human"/"gpt"/"bot".
+KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 DROP_REASONS = {"no_room_for_response": "the prompt fills max_length, no room for a response"}
 # Part of the map function's state, hence of the datasets cache key: datasets hashes a callable
 # object by its pickled state and its class by name, so without this an edit to this file
@@ -93,7 +99,23 @@ def check_messages(value: Any, column: str) -> list[dict[str, str]]:
                     f"column {column!r} message {i} has {key} of type "
                     f"{type(message.get(key)).__name__}, expected a string",
                 )
+        if message["role"] not in KNOWN_ROLES:
+            raise BadRow(
+                "unknown_role",
+                f"column {column!r} message {i} has role {message['role']!r}; roles are "
+                f"{', '.join(KNOWN_ROLES)} (rename it, e.g. human -> user, gpt -> assistant)",
+            )
     return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def check_assistant_end(messages: list[dict[str, str]], column: str) -> None:
+    """A response is what the model says: its last message must be the assistant's."""
+    if messages and messages[-1]["role"] != "assistant":
+        raise BadRow(
+            "response_not_assistant",
+            f"column {column!r} ends with a {messages[-1]['role']!r} message; a response must "
+            "end with an assistant turn (the model is trained on what it says)",
+        )
 
 
 def _is_empty(value: str | list[dict[str, str]]) -> bool:
@@ -133,13 +155,20 @@ class RowTokenizer:
     """
 
     def __init__(
-        self, tokenizer: Any, cfg: DataConfig, data_format: DataFormat, where: str, split: str
+        self,
+        tokenizer: Any,
+        cfg: DataConfig,
+        data_format: DataFormat,
+        where: str,
+        split: str,
+        max_tokens: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.data_format = data_format
         self.where = where
         self.split = split
+        self.max_tokens = max_tokens  # the model's context; checked only without data.max_length
         self.bos_id: int | None = tokenizer.bos_token_id
         self.eos_id: int = tokenizer.eos_token_id
         self.code_version = CODE_VERSION
@@ -183,6 +212,11 @@ class RowTokenizer:
         prompt: Any = (
             None if data_format.implicit else check(batch[cfg.prompt_column][i], cfg.prompt_column)
         )
+        if prompt is not None and _is_empty(prompt):  # implicit prompts: checked as token ids
+            raise BadRow(
+                "empty_prompt",
+                f"column {cfg.prompt_column!r} is empty or only whitespace (nothing to respond to)",
+            )
         if chosen == rejected:
             raise BadRow(
                 "chosen_equals_rejected",
@@ -204,6 +238,8 @@ class RowTokenizer:
                     else ""
                 )
                 raise BadRow("empty_response", f"column {column!r} is empty{after}")
+            if data_format.messages:
+                check_assistant_end(value, column)
         if not data_format.messages:
             return prompt, chosen, rejected
         prompt_text = self._render(prompt, generation_prompt=True)
@@ -309,6 +345,38 @@ class RowTokenizer:
         response_cut = len(chosen) > limit or len(rejected) > limit
         return prompt, chosen[:limit], rejected[:limit], prompt_cut, response_cut, False
 
+    def check_ids(
+        self, prompt: list[int], chosen: list[int], rejected: list[int], cut: bool
+    ) -> None:
+        """Raise BadRow for a pair whose token ids are identical (truncation can make them so:
+        the loss then has nothing to learn), or one longer than the model's context (the engine
+        places each response right after the prompt)."""
+        cfg = self.cfg
+        if chosen == rejected:
+            how = (
+                f"after truncation to {len(chosen)} tokens (they differ only in what was cut): "
+                "raise data.max_completion_length / data.max_length"
+                if cut
+                else "as token ids (the texts tokenise the same)"
+            )
+            raise BadRow("chosen_equals_rejected", f"chosen and rejected are identical {how}")
+        self.check_length(prompt, {cfg.chosen_column: chosen, cfg.rejected_column: rejected})
+
+    def check_length(self, prompt: list[int], responses: dict[str, list[int]]) -> None:
+        """Raise BadRow when prompt + the longest response exceeds the model's context (only
+        without data.max_length, which cuts every response to fit)."""
+        if self.cfg.max_length is not None or self.max_tokens is None:
+            return
+        column, response = max(responses.items(), key=lambda item: len(item[1]))
+        longest = len(prompt) + len(response)
+        if longest > self.max_tokens:
+            raise BadRow(
+                "too_long",
+                f"prompt + {column} is {longest} tokens, more than the model's context of "
+                f"{self.max_tokens} (max_position_embeddings in its config): set data.max_length "
+                f"to at most {self.max_tokens} to cut such responses",
+            )
+
     def fail(self, index: int, bad: BadRow) -> PairoptError:
         return PairoptError(
             f"Row {index} of split {self.split!r} of {self.where} ({self.data_format.name} format): "
@@ -340,14 +408,20 @@ class RowTokenizer:
         for (p, c, r, moved), i in zip(
             self.tokenize(prompts, chosens, rejecteds), good, strict=True
         ):
-            if not p:
-                empty = BadRow("empty_prompt", "the prompt is empty and the tokenizer adds no BOS")
+            try:
+                if not p:
+                    raise BadRow(
+                        "empty_prompt", "the prompt is empty and the tokenizer adds no BOS"
+                    )
+                p, c, r, prompt_cut, response_cut, drop = self.truncate(p, c, r)
+                if not drop:
+                    self.check_ids(p, c, r, response_cut)
+            except BadRow as bad:
                 if self.cfg.on_bad_row == "error":
-                    raise self.fail(indices[i], empty)
-                out["_status"][i] = f"skip:{empty.reason}"
+                    raise self.fail(indices[i], bad) from None
+                out["_status"][i] = f"skip:{bad.reason}"
                 continue
             out["_resplit"][i] = moved
-            p, c, r, prompt_cut, response_cut, drop = self.truncate(p, c, r)
             if drop:
                 out["_status"][i] = "drop:no_room_for_response"
                 continue

@@ -20,6 +20,7 @@ c chosen, r rejected, s = S − S^ref, Δ = s_c − s_r, β a temperature.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -139,11 +140,10 @@ class PairLoss(Loss):
         else:
             reference = None
         out = self.compute(_upcast(policy), reference)
-        if out.losses.shape != (len(policy),):
-            raise RuntimeError(
-                f"loss {self.name!r} returned losses of shape {tuple(out.losses.shape)}; "
-                f"a loss must return one value per pair, shape ({len(policy)},)"
-            )
+        inputs = [policy.chosen_logps, policy.rejected_logps]
+        if reference is not None:
+            inputs += [reference.chosen_logps, reference.rejected_logps]
+        check_output(self.name or type(self).__name__, out, inputs, len(policy))
         return out
 
 
@@ -152,6 +152,50 @@ def missing_reference(loss: Loss) -> PairoptError:
         f"loss {loss.name or type(loss).__name__!r} needs the reference model's log-probs, "
         "but none were given: configure a reference model (or precomputed reference log-probs)."
     )
+
+
+def check_output(
+    name: str, out: Any, inputs: Sequence[torch.Tensor], n: int, unit: str = "pair"
+) -> None:
+    """One PairoptError naming the loss and what it returned, for output the trainer cannot use:
+    not a LossOutput, losses not of shape (n,) (one per `unit`), losses cut off from the
+    gradient of the log-probs `inputs` (policy first, then reference), non-finite losses, or
+    metrics that are not scalar tensors."""
+    where = f"loss {name!r} returned"
+    if not isinstance(out, LossOutput) or not isinstance(out.losses, torch.Tensor):
+        got = type(out.losses if isinstance(out, LossOutput) else out).__name__
+        raise PairoptError(
+            f"{where} {got}; compute must return LossOutput(losses, metrics), losses a tensor (N,)"
+        )
+    if out.losses.shape != (n,):
+        raise PairoptError(
+            f"{where} losses of shape {tuple(out.losses.shape)} for {n} {unit}s; a loss returns "
+            f"one value per {unit}, shape ({n},) (a batch loss: per-{unit} values whose mean is it)"
+        )
+    if inputs[0].requires_grad and not out.losses.requires_grad:
+        raise PairoptError(
+            f"{where} losses without a gradient (detached, computed under no_grad, or built from "
+            "Python numbers), so training would not change the model: compute them with torch "
+            "operations on the log-probs it is given"
+        )
+    for key, value in out.metrics.items():
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise PairoptError(f"{where} metric {key!r} as {shape}; metrics are scalar tensors")
+    finite = torch.isfinite(out.losses.detach())
+    if not bool(finite.all()):  # one host sync per micro-batch; the step's metrics sync anyway
+        bad = (~finite).nonzero().flatten().tolist()
+        first = out.losses[bad[0]].item()
+        if all(bool(torch.isfinite(t.detach()).all()) for t in inputs):
+            why = (
+                f"{where} {first} for {len(bad)} of {n} {unit}s (first: {unit} {bad[0]}) "
+                "although the log-probs it was given are finite: check its formula and parameters"
+            )
+        else:
+            why = (
+                f"the log-probs given to loss {name!r} are not finite, so the weights have diverged"
+            )
+        raise PairoptError(f"the loss is {first} (not finite): {why}.")
 
 
 def _check_logps(logps: PairLogps, what: str) -> None:

@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import torch
 
-from pairopt.loss.base import Loss, LossOutput, missing_reference
+from pairopt.loss.base import Loss, LossOutput, check_output, missing_reference
 from pairopt.pairs import GroupLogps
 
 
@@ -98,11 +98,10 @@ class ListLoss(Loss):
         else:
             reference = None
         out = self.compute(_upcast(policy), reference)
-        if out.losses.shape != (len(policy),):
-            raise RuntimeError(
-                f"loss {self.name!r} returned losses of shape {tuple(out.losses.shape)}; "
-                f"a listwise loss must return one value per group, shape ({len(policy)},)"
-            )
+        inputs = [policy.logps[policy.mask]]  # (R,): the padding of the lists is no input
+        if reference is not None:
+            inputs.append(reference.logps[reference.mask])
+        check_output(self.name or type(self).__name__, out, inputs, len(policy), unit="group")
         return out
 
 

@@ -30,6 +30,8 @@ from pairopt.sources import looks_like_data_file
 from pairopt.training.models import check_model_source
 
 _SECTION = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+# The last line of a config.yaml a run writes (a YAML comment): its absence means the file was cut.
+CONFIG_END = "# end of config"
 
 # The trackers accelerate can log to (accelerate.utils.LoggerType).
 Tracker = Literal[
@@ -457,7 +459,9 @@ class TrainConfig(BaseModel):
         return out
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_yaml_dict(), sort_keys=False)
+        """config.yaml's text; its last line is CONFIG_END, so a reader tells a complete file
+        from one cut short (config_load.read_yaml with saved_by_run)."""
+        return yaml.safe_dump(self.to_yaml_dict(), sort_keys=False) + CONFIG_END + "\n"
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> scalars (lists and None as text): tracker hyper-parameters, and the

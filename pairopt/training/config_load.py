@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel
 
 from pairopt.errors import PairoptError
-from pairopt.training.config import TrainConfig, model_in
+from pairopt.training.config import CONFIG_END, TrainConfig, model_in
 
 TINY_MODEL = "builtin:tiny-llama"
 
@@ -88,11 +88,68 @@ def load_config(source: str | Path | dict[str, Any], **overrides: Any) -> TrainC
     return build_config(data, dict.fromkeys(flat_keys(data), where))
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, again: int) -> None:
+        super().__init__(key)
+        self.key, self.first, self.again = key, first, again
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last one
+    and drops the first without a word, so a setting the user wrote would silently not apply."""
+
+
+def _construct_unique_mapping(
+    loader: UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False
+) -> Any:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if isinstance(key, str | int | float | bool) and key in seen:
+            raise _DuplicateKey(key, seen[key], line)
+        if isinstance(key, str | int | float | bool):
+            seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
+
+
+def read_text(path: Path, what: str = "config file") -> str:
+    """A file's text, or a PairoptError naming the line and column of a byte that is not UTF-8."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise PairoptError(
+            f"{what} {str(path)!r} line {line}, column {column}: byte 0x{raw[err.start]:02x} is "
+            "not UTF-8 text. Save the file as UTF-8 (or remove that character)."
+        ) from None
+
+
+def read_yaml(path: Path, *, saved_by_run: bool = False) -> dict[str, Any]:
+    """A YAML config file as a dict of sections. Duplicate keys and bytes that are not UTF-8 are
+    errors naming the line. `saved_by_run`: a run's own config.yaml (--resume), which must end
+    with CONFIG_END; one without it was cut short, and its missing settings would silently be
+    defaults."""
     if not path.is_file():
         raise PairoptError(f"config file {str(path)!r} does not exist")
+    text = read_text(path)
+    if saved_by_run:
+        _check_complete(path, text)
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+    except _DuplicateKey as dup:
+        raise PairoptError(
+            f"config file {str(path)!r} line {dup.again}: key {dup.key!r} is given a second time "
+            f"(first at line {dup.first}); YAML would silently keep only the last one. Remove "
+            "one of them."
+        ) from None
     except yaml.YAMLError as err:
         raise PairoptError(f"config file {str(path)!r} is not valid YAML: {err}") from None
     if loaded is None:
@@ -105,6 +162,19 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if isinstance(loaded.get("loss"), str):  # `loss: dpo` is short for `loss: {name: dpo}`
         loaded["loss"] = {"name": loaded["loss"]}
     return loaded
+
+
+def _check_complete(path: Path, text: str) -> None:
+    lines = text.rstrip().splitlines()
+    if lines and lines[-1].strip() == CONFIG_END:
+        return
+    raise PairoptError(
+        f"{path} is cut short: it ends at line {len(lines)} without the line {CONFIG_END!r} that "
+        f"pairopt writes last, so the settings after line {len(lines)} would silently take their "
+        "defaults on resume. Restore them (the trainer_state.json of a checkpoint lists every "
+        f"setting of the run under 'config') and end the file with {CONFIG_END!r}; a complete "
+        "file without that line (written by hand or by an older pairopt) only needs it added."
+    )
 
 
 def flat_keys(data: dict[str, Any], prefix: str = "") -> list[str]:

@@ -17,6 +17,10 @@ from pairopt.training.run_log import work_bar
 from pairopt.training.schedule import group_pair_counts
 
 
+class EvalInterrupted(Exception):
+    """`interrupted()` said to stop between two eval batches (a SIGTERM: see preemption.py)."""
+
+
 class Evaluator:
     """Policy (and reference) log-probs of every eval group, then the loss's metrics over them all.
 
@@ -47,12 +51,14 @@ class Evaluator:
         return self.dataset is not None and len(self.dataset) > 0
 
     @torch.no_grad()
-    def run(self, step: int) -> dict[str, float]:
+    def run(self, step: int, interrupted: Callable[[], bool] | None = None) -> dict[str, float]:
+        """The metrics at `step`. `interrupted` is asked before every batch (on every process
+        alike: it may be a collective) and raises EvalInterrupted when it says so."""
         accelerator, world = self.accelerator, self.accelerator.num_processes
         self.wrapped.eval()
         self.loss_fn.eval()
         try:
-            rows = self._my_rows(step)
+            rows = self._my_rows(step, interrupted)
         finally:
             self.wrapped.train()
             self.loss_fn.train()
@@ -78,7 +84,9 @@ class Evaluator:
             metrics["groups"] = float(len(rows))
         return metrics
 
-    def _my_rows(self, step: int) -> list[tuple[int, list[float], list[int], list[float]]]:
+    def _my_rows(
+        self, step: int, interrupted: Callable[[], bool] | None = None
+    ) -> list[tuple[int, list[float], list[int], list[float]]]:
         """(row, policy log-probs, token counts, reference log-probs) of this process's groups."""
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         n = len(self.dataset)
@@ -93,6 +101,8 @@ class Evaluator:
         )
         with bar:
             for start in range(0, per_process, self.cfg.batch_size):
+                if interrupted is not None and interrupted():
+                    raise EvalInterrupted(step)
                 batch_rows = mine[start : start + self.cfg.batch_size]
                 real = [max(i, 0) for i in batch_rows]
                 batch = self.rows_to_batch(self.dataset[real])

@@ -70,7 +70,7 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
             )
         run_dir = _resume_run_dir(resume, given)
         if run_dir is not None and (run_dir / "config.yaml").is_file():
-            saved = read_yaml(run_dir / "config.yaml")
+            saved = read_yaml(run_dir / "config.yaml", saved_by_run=True)
             saved.setdefault("checkpoint", {})["resume"] = None
             saved.setdefault("output", {})["dir"] = str(run_dir)
             _merge(data, saved, sources, str(run_dir / "config.yaml"))

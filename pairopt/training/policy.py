@@ -85,6 +85,28 @@ def load_model(cfg: ModelConfig, *, seed: int, name_or_path: str | None = None) 
     )
 
 
+def context_length(cfg: ModelConfig) -> int | None:
+    """The most positions the model takes (max_position_embeddings in its config), read from
+    the config without loading weights. None when the config does not say, or cannot be read
+    (loading the model then reports why)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            resolve_path(cfg.name_or_path),
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except Exception:  # any failure here is load_model's to report, with its own message
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def hf_model(model: nn.Module) -> nn.Module:
     """The transformers model (under PEFT: the base model with the LoRA layers injected)."""
     get_base = getattr(model, "get_base_model", None)

@@ -35,14 +35,17 @@ from pairopt.training.config import ModelConfig, ReferenceConfig
 from pairopt.training.policy import load_model
 from pairopt.training.reference_cache import (
     cache_key,
+    cache_mismatch,
     cache_path,
     compute_tables,
+    damaged_cache,
     dataset_fingerprint,
     default_cache_dir,
     model_fingerprint,
     read_cache,
     write_cache,
 )
+from pairopt.training.run_log import any_process
 
 
 class Reference(Protocol):
@@ -202,17 +205,32 @@ def precompute_reference(
     progress: bool = False,
 ) -> PrecomputedReference:
     """Reference log-probs of every response of every split, from the cache or computed and
-    cached (on a hit `model` is not run). The main process writes the file."""
+    cached (on a hit `model` only recomputes a few groups to check the file:
+    reference_cache.cache_mismatch). The main process writes the file; every process takes the
+    same branch."""
     active = {name: ds for name, ds in splits.items() if ds is not None}
     key = cache_key(
         model_fingerprint(model), {n: dataset_fingerprint(ds) for n, ds in active.items()}, dtype
     )
     path = cache_path(Path(cache_dir).expanduser() if cache_dir else default_cache_dir(), key)
-    tables = read_cache(path, active)
-    if tables is not None:
-        return PrecomputedReference(tables, path, hit=True)
     original_device = next(model.parameters()).device
     live = LiveReference(model.to(accelerator.device), engine_kwargs, accelerator.autocast)
+    tables = read_cache(path, active)
+    if not any_process(accelerator, tables is None) and tables is not None:
+        half = not dtype.endswith("/no") or next(model.parameters()).dtype != torch.float32
+        mismatch = cache_mismatch(
+            tables,
+            lambda batch: live.logps(batch, [], ""),
+            active,
+            rows_to_batch=rows_to_batch,
+            half=half,
+        )
+        if not any_process(accelerator, mismatch is not None):
+            model.to(original_device)
+            return PrecomputedReference(tables, path, hit=True)
+        damaged_cache(
+            path, f"its numbers are not the reference model's: {mismatch or 'see another process'}"
+        )
     tables = compute_tables(
         lambda batch: live.logps(batch, [], ""),
         active,

@@ -6,17 +6,22 @@ stored once. The cache file is keyed by what the numbers depend on: the referenc
 (hashed byte for byte), the tokenised data (hashed), the dtype and autocast, and
 `CACHE_VERSION`. A second run with the same model and data reads the file and never runs the
 reference model.
+
+The file is written atomically and holds a sha256 of its numbers. One that cannot be read, is
+cut, or does not match its checksum is reported by name and computed again (then rewritten), and
+on a hit a few groups are recomputed and compared, so a damaged cache never fails, or silently
+skews, every later run with that model and data.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import io
 import logging
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +29,15 @@ import torch
 from torch import nn
 
 from pairopt.data.batch import GroupBatch
+from pairopt.errors import PairoptError
 from pairopt.pairs import GroupLogps, offsets_of
+from pairopt.training.files import atomic_write
 from pairopt.training.run_log import work_bar
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = (
-    2  # bump when the cached file's layout or the engine's numbers change (2: per response)
-)
+# bump when the cached file's layout or the engine's numbers change (2: per response; 3: sha256)
+CACHE_VERSION = 3
 
 # a batch of groups -> their responses' reference log-probs (run without gradients)
 LogpsFn = Callable[[GroupBatch], GroupLogps]
@@ -107,12 +113,41 @@ def cache_path(cache_dir: Path, key: str) -> Path:
     return cache_dir / f"ref-logps-{key}.pt"
 
 
+def tables_digest(tables: Mapping[str, Sequence[torch.Tensor]]) -> str:
+    """sha256 of the cached numbers, split by split, in a fixed order."""
+    digest = hashlib.sha256()
+    for split in sorted(tables):
+        digest.update(split.encode())
+        for tensor in tables[split]:
+            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def damaged_cache(path: Path, why: str) -> None:
+    warnings.warn(
+        f"the reference log-prob cache {path} is damaged ({why}); it is computed again and "
+        "rewritten. Delete the file if this repeats.",
+        stacklevel=3,
+    )
+
+
 def read_cache(path: Path, splits: dict[str, Any]) -> dict[str, GroupLogps] | None:
-    """The cached tables, or None when there is no file or it does not match the data."""
+    """The cached tables, or None when there is no file, it is damaged (a warning names it) or
+    it does not match the data."""
     if not path.is_file():
         return None
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    tables = {split: GroupLogps(*saved[split]) for split in splits}
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        stored = {split: tuple(saved["tables"][split]) for split in splits}
+        recorded = saved["sha256"]
+    except Exception as err:  # cut or garbled: torch.load raises a dozen different types
+        damaged_cache(path, f"it cannot be read: {type(err).__name__}: {err}")
+        return None
+    if recorded != tables_digest(stored):
+        damaged_cache(path, "its numbers do not match the checksum written with them")
+        return None
+    tables = {split: GroupLogps(*stored[split]) for split in splits}
     if all(tables[split].num_groups == len(ds) for split, ds in splits.items()):
         return tables
     logger.warning("pairopt: reference cache %s does not match the data; recomputing", path)
@@ -120,22 +155,63 @@ def read_cache(path: Path, splits: dict[str, Any]) -> dict[str, GroupLogps] | No
 
 
 def write_cache(path: Path, tables: dict[str, GroupLogps]) -> None:
-    """Write atomically (a crashed write never leaves a half file a later run would read); a
-    failure (full disk, no permission) only warns: the run keeps the values in memory."""
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    """Write atomically (files.atomic_write: a crashed write never leaves a half file a later
+    run would read); a failure (full disk, no permission) only warns: the run keeps the values
+    in memory."""
+    stored = {split: (t.logps, t.tokens, t.offsets) for split, t in tables.items()}
+    buffer = io.BytesIO()
+    torch.save({"tables": stored, "sha256": tables_digest(stored)}, buffer)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({split: (t.logps, t.tokens, t.offsets) for split, t in tables.items()}, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:
-        with contextlib.suppress(OSError):  # a half-written file must not stay behind
-            tmp.unlink()
+        atomic_write(path, buffer.getvalue())
+    except (OSError, PairoptError) as err:
         warnings.warn(
             f"could not write the reference log-prob cache to {path} ({err}); this run uses "
             "the values in memory and the next one will compute them again. Set "
             "reference.cache_dir to a writable directory to keep them.",
             stacklevel=2,
         )
+
+
+SPOT_CHECK_ROWS = 8  # groups recomputed on a cache hit: one small batch, next to the pass saved
+
+
+def cache_mismatch(
+    tables: dict[str, GroupLogps],
+    logps: LogpsFn,
+    splits: dict[str, Any],
+    *,
+    rows_to_batch: Callable[[dict[str, list[Any]]], GroupBatch],
+    half: bool,
+) -> str | None:
+    """How the cache disagrees with the reference model on the first groups of the first split,
+    or None. A file that passes its checksum can still hold numbers that are not this model's
+    (copied from elsewhere, written by a faulty version); recomputing a few groups finds that.
+
+    Tolerances: the recomputed groups are batched differently from the precompute pass, which
+    moves float32 sums by ~1e-6 relative; half precision moves them far more (bf16 keeps ~3
+    digits), while another model's numbers differ by whole nats.
+    """
+    split = next(iter(splits))
+    rows = list(range(min(SPOT_CHECK_ROWS, len(splits[split]))))
+    if not rows:
+        return None
+    fresh = logps(rows_to_batch(splits[split][rows])).to("cpu")
+    cached = tables[split].take(rows)
+    if not torch.equal(fresh.offsets, cached.offsets):
+        return f"{split} rows {rows[0]}-{rows[-1]}: another number of responses per row"
+    rtol, atol = (2e-2, 0.5) if half else (1e-4, 1e-3)
+    for field in ("tokens", "logps"):
+        new, old = getattr(fresh, field).double(), getattr(cached, field).double()
+        wrong = ~((new - old).abs() <= atol + rtol * old.abs())  # NaN counts as wrong
+        if bool(wrong.any()):
+            response = int(wrong.nonzero()[0])
+            row = rows[int(torch.searchsorted(cached.offsets, response, right=True)) - 1]
+            return (
+                f"{split} row {row}: a response's {field} is {old[response].item():.6g} in the "
+                f"cache but {new[response].item():.6g} from the reference model"
+            )
+    return None
 
 
 def compute_tables(

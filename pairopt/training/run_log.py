@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -9,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from pairopt.errors import PairoptError
+from pairopt.training.files import atomic_write, write_failed
 
 
 def add_metric(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
@@ -62,6 +66,15 @@ class MetricsWindow:
         return record
 
 
+def any_process(accelerator: Any, flag: bool) -> bool:
+    """True on every process when `flag` is True on at least one of them (a collective: every
+    process must call it), so that all processes take the same branch (stop, recompute, fail)."""
+    if accelerator.num_processes <= 1:
+        return flag
+    mark = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(mark, "sum").item() > 0)
+
+
 class Printer:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -77,7 +90,9 @@ class MetricsLog:
     """metrics.jsonl (one JSON object per line), accelerate trackers, and console lines.
 
     A context manager: the file is closed when the run ends, also by an error. Only the main
-    process (`write_file`) writes the file; `say` prints the console lines.
+    process (`write_file`) writes the file; `say` prints the console lines. A resumed run keeps
+    the lines up to its checkpoint's step (`truncate_after`); a cut last line (a full disk, a
+    killed run) is dropped with a note, a damaged line before it is an error naming it.
     """
 
     def __init__(
@@ -92,21 +107,49 @@ class MetricsLog:
         self.accelerator = accelerator
         self.say = say
         self.file = None
+        self.path = path
         if write_file:
             kept = []
             if truncate_after > 0 and path.is_file():  # a resumed run replaces what came after
                 kept = [
                     line
-                    for line in path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= truncate_after
+                    for line, record in self._records(path, say)
+                    if record["step"] <= truncate_after
                 ]
-            path.write_text("".join(line + "\n" for line in kept))
+            atomic_write(path, "".join(line + "\n" for line in kept))
             self.file = path.open("a")
+
+    @staticmethod
+    def _records(path: Path, say: Printer) -> list[tuple[str, dict[str, Any]]]:
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                int(record["step"])
+            except (ValueError, KeyError, TypeError) as err:
+                if number == len(lines):
+                    say(
+                        f"note: {path} line {number} was cut short (a full disk or a killed run "
+                        "leaves that); it is dropped."
+                    )
+                    break
+                raise PairoptError(
+                    f"{path} line {number} is not a metrics record ({type(err).__name__}: "
+                    f"{err}): fix or delete that line, then resume again."
+                ) from None
+            records.append((line, record))
+        return records
 
     def write(self, step: int, split: str, metrics: dict[str, float], *, console: bool) -> None:
         if self.file is not None:
-            self.file.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+                self.file.flush()
+            except OSError as err:
+                raise write_failed(self.path, err, need=4096) from None
         self.accelerator.log({f"{split}/{key}": value for key, value in metrics.items()}, step=step)
         if console:
             keys = ("loss", "rewards/accuracies", "rewards/margins", "lr", "tokens_per_s")
@@ -115,14 +158,21 @@ class MetricsLog:
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
-            self.file = None
+            file, self.file = self.file, None
+            try:
+                file.close()  # flushes what is buffered: a full disk can fail here too
+            except OSError as err:
+                raise write_failed(self.path, err, need=4096) from None
 
     def __enter__(self) -> MetricsLog:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        with contextlib.suppress(PairoptError):  # the error under way is the one to report
+            self.close()
 
 
 @contextmanager

@@ -24,6 +24,7 @@ because accelerate divides by grad_accum and DDP averages over processes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -43,9 +44,10 @@ from pairopt.loss.base import Loss
 from pairopt.loss.registry import build_loss, get_loss_class
 from pairopt.training.checkpoint import (
     changed_settings,
-    check_output_dir,
     check_resumable,
-    find_checkpoint,
+    check_resume_step,
+    checkpoint_bytes,
+    find_checkpoint_once,
     list_checkpoints,
     output_dir,
     save_checkpoint,
@@ -53,26 +55,36 @@ from pairopt.training.checkpoint import (
 )
 from pairopt.training.config import OptimConfig, TrainConfig
 from pairopt.training.config_load import load_config
-from pairopt.training.evaluation import Evaluator
+from pairopt.training.evaluation import EvalInterrupted, Evaluator
 from pairopt.training.flags import help_text, parse_train_args
 from pairopt.training.loss_inputs import apply_loss, check_loss_fits_data, examples_in
 from pairopt.training.policy import (
     Groups,
     PolicyLogps,
     apply_lora,
+    context_length,
     enable_checkpointing,
     hf_model,
     load_model,
     load_tokenizer,
     switch_off_dropout,
 )
+from pairopt.training.preemption import (
+    RunStopped,
+    StopNow,
+    StopRequest,
+    resume_command,
+    stop_signals,
+)
 from pairopt.training.reference import LazyAdapter, precompute_reference, setup_reference
 from pairopt.training.reference_cache import dataset_fingerprint
+from pairopt.training.run_directory import RunDirectory
 from pairopt.training.run_log import (
     MetricsLog,
     MetricsWindow,
     Printer,
     add_metric,
+    any_process,
     global_means,
     print_summary,
     progress_bar,
@@ -91,12 +103,18 @@ from pairopt.training.schedule import (
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`pairopt train ...`; returns the exit code (bad input raises PairoptError: exit 2)."""
+    """`pairopt train ...`; returns the exit code: 0 done, 2 bad input (PairoptError, printed by
+    the CLI), STOPPED_EXIT_CODE (75) stopped by a signal with a checkpoint, 128 + N stopped at
+    once by a second signal N (docs/configuration.md, Exit codes)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(help_text())
         return 0
-    train(parse_train_args(argv))
+    try:
+        train(parse_train_args(argv))
+    except (RunStopped, StopNow) as stopped:
+        print(f"pairopt train: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     return 0
 
 
@@ -141,6 +159,8 @@ class Run:
     total_steps: int
     start_step: int
     evaluator: Evaluator
+    directory: RunDirectory  # locked while the run uses it; counts the steps done
+    stop: StopRequest  # set by SIGTERM / SIGINT (pairopt.training.preemption)
 
     @property
     def world(self) -> int:
@@ -160,8 +180,8 @@ def train(config: TrainConfig | dict[str, Any] | str | Path, *, quiet: bool = Fa
     """
     started = time.perf_counter()
     cfg = config if isinstance(config, TrainConfig) else load_config(config)
-    with quiet_libraries(quiet):
-        run = setup(cfg, quiet=quiet)
+    with quiet_libraries(quiet), stop_signals() as stop, contextlib.ExitStack() as resources:
+        run = setup(cfg, quiet=quiet, stop=stop, resources=resources)
         history, evals, pairs_per_s = run_steps(run)
         final_model = save_final(
             run.accelerator,
@@ -192,15 +212,25 @@ def train(config: TrainConfig | dict[str, Any] | str | Path, *, quiet: bool = Fa
 # ---------------------------------------------------------------------------------------------
 
 
-def setup(cfg: TrainConfig, *, quiet: bool = False) -> Run:
+def setup(
+    cfg: TrainConfig,
+    *,
+    quiet: bool = False,
+    stop: StopRequest | None = None,
+    resources: contextlib.ExitStack | None = None,
+) -> Run:
     """Everything before the first step, in the order that keeps a run reproducible (the RNG
-    is seeded once, and LoRA's initialisation draws from it after the reference is made)."""
+    is seeded once, and LoRA's initialisation draws from it after the reference is made).
+
+    The run directory is locked into `resources` (released when the caller's block ends)."""
     accelerator, cfg = make_accelerator(cfg)
     output = Path(str(cfg.output.dir))
     say = Printer(accelerator.is_main_process and not quiet)
     progress = cfg.logging.progress_bar and not quiet
-    resume_from = find_checkpoint(cfg.checkpoint.resume, output) if cfg.checkpoint.resume else None
-    check_output_dir(output, resuming=resume_from is not None)
+    wanted = cfg.checkpoint.resume
+    resume_from = find_checkpoint_once(accelerator, wanted, output, say) if wanted else None
+    directory = RunDirectory(output, accelerator, resuming=resume_from is not None)
+    (resources or contextlib.ExitStack()).enter_context(directory)
     say("pairopt train: resolved config")
     say(_indent(cfg.to_yaml()))
     if cfg.optim.cpu_threads is not None and accelerator.device.type == "cpu":
@@ -209,7 +239,9 @@ def setup(cfg: TrainConfig, *, quiet: bool = False) -> Run:
 
     set_seed(cfg.optim.seed)
     tokenizer = load_tokenizer(cfg.model)
-    data = load_preference_data(cfg.data, tokenizer, seed=cfg.optim.seed)
+    data = load_preference_data(
+        cfg.data, tokenizer, seed=cfg.optim.seed, max_tokens=context_length(cfg.model)
+    )
     loss_cls = get_loss_class(cfg.loss.name)
     check_loss_fits_data(loss_cls, data, cfg.data.dataset)
     data = make_groups(data, cfg.data, all_responses=loss_cls.kind == "list")
@@ -223,17 +255,15 @@ def setup(cfg: TrainConfig, *, quiet: bool = False) -> Run:
     resume_state = check_resumable(resume_from, train_fp, cfg.flat()) if resume_from else None
     loss_fn = build_loss(cfg.loss.name, **cfg.loss.params).to(accelerator.device)
     policy, reference, ref_cache_hit = build_models(cfg, loss_fn, accelerator, data, say, progress)
-    if accelerator.is_main_process:  # only now: bad data or a bad model leave no run directory
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "config.yaml").write_text(cfg.to_yaml())
-        say(f"config saved to {output / 'config.yaml'}")
-    accelerator.wait_for_everyone()
     plan, total_steps, wrapped, optimizer, scheduler = prepare(
         cfg, accelerator, policy, loss_fn, data
     )
     if cfg.reference.sync_steps is not None and reference is not None:
         # a synced reference is part of the run's state: resuming must not restart it
         accelerator.register_for_checkpointing(reference.model)
+    check_resume_step(resume_from, resume_state, total_steps)
+    # only now: a refused run leaves the directory as it was
+    say(f"config saved to {directory.write_config(cfg.to_yaml(), _bytes_to_save(cfg, policy))}")
     evaluator = Evaluator(
         wrapped,
         reference,
@@ -264,10 +294,23 @@ def setup(cfg: TrainConfig, *, quiet: bool = False) -> Run:
         total_steps,
         0,
         evaluator,
+        directory,
+        stop or StopRequest(),
     )
     if resume_from is not None and resume_state is not None:
         run.start_step = resume(run, resume_from, resume_state)
     return run
+
+
+def _bytes_to_save(cfg: TrainConfig, policy: nn.Module) -> int:
+    """About what the next write of the model needs on disk: the final model, and a checkpoint
+    (weights + AdamW's two float32 moments per trainable parameter) when checkpoints are on."""
+    weights = sum(p.numel() * p.element_size() for p in policy.parameters())
+    need = weights if cfg.output.save_final else 0
+    if cfg.checkpoint.every or cfg.checkpoint.every_epoch:
+        trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+        need += weights + (8 * trainable if cfg.optim.optimizer == "adamw" else 0)
+    return need
 
 
 def make_accelerator(cfg: TrainConfig) -> tuple[Any, TrainConfig]:
@@ -417,17 +460,19 @@ def train_step(run: Run, step: int, epoch: int, micro_batches: list[list[int]]) 
         batch = rows_to_batch(run.data.train[indices])
         tokens += batch.tokens()
         with accelerator.accumulate(run.wrapped):
-            micro_batch(run, batch, indices, scale, sums)
+            try:
+                micro_batch(run, batch, indices, scale, sums)
+            except PairoptError as err:  # the loss's own checks (PairLoss.forward)
+                raise _stopped_at(run, step, str(err)) from None
             if accelerator.sync_gradients:
                 grad_norm = optimizer_step(run)
     metrics = global_means(sums, accelerator, examples_in_step)
     if not math.isfinite(metrics["loss"]):
-        last = list_checkpoints(run.output)
-        raise PairoptError(
-            f"step {step + 1}: the loss is {metrics['loss']} (not finite), so the weights are no longer usable "
-            "and the run stops without saving a model. Lower optim.lr, keep "
-            "optim.max_grad_norm set, or check the loss parameters"
-            + (f"; the last good checkpoint is {last[-1]}." if last else ".")
+        raise _stopped_at(
+            run,
+            step,
+            f"the loss is {metrics['loss']} (not finite), so the weights are no longer usable. "
+            "Lower optim.lr, keep optim.max_grad_norm set, or check the loss parameters.",
         )
     step_s = time.perf_counter() - started
     device = accelerator.device
@@ -444,6 +489,14 @@ def train_step(run: Run, step: int, epoch: int, micro_batches: list[list[int]]) 
     if grad_norm is not None:
         metrics["grad_norm"] = float(grad_norm)
     return metrics
+
+
+def _stopped_at(run: Run, step: int, why: str) -> PairoptError:
+    last = list_checkpoints(run.output)
+    return PairoptError(
+        f"step {step + 1}: {why.rstrip('.')}. The run stops without saving a model"
+        + (f"; the last good checkpoint is {last[-1]}." if last else ".")
+    )
 
 
 def micro_batch(
@@ -504,14 +557,17 @@ def run_steps(run: Run) -> tuple[list[dict[str, float]], list[dict[str, float]],
         loop_started = time.perf_counter()
         with progress_bar(run.progress, run.total_steps, run.start_step) as bar:
             run.wrapped.train()
+            run.stop.armed = True  # from here a signal finishes the step and checkpoints it
             for step, epoch, micro_batches in run.plan.iterate(run.start_step, run.total_steps):
                 metrics = train_step(run, step, epoch, micro_batches)
                 done = step + 1
+                run.directory.steps_done += 1
                 history.append(metrics)
                 pairs = sum(run.pairs[i] for mb in micro_batches for i in mb)
                 pairs_done += pairs
                 window.add(metrics, pairs)
-                if done % cfg.logging.every == 0 or done == run.total_steps:
+                stopping = stop_requested(run)  # a stop also flushes the logging window
+                if stopping or done % cfg.logging.every == 0 or done == run.total_steps:
                     log.write(done, "train", window.flush(), console=True)
                 bar.update(1)
                 bar.set_postfix(
@@ -520,7 +576,11 @@ def run_steps(run: Run) -> tuple[list[dict[str, float]], list[dict[str, float]],
                     tok_s=f"{metrics['tokens_per_s']:.0f}",
                 )
                 after_step(run, done, run.plan.ends_epoch(step, epoch), log, evals)
+                if stopping:  # after the reference sync, which the checkpoint must hold
+                    stop_after(run, done)
         loop_s = time.perf_counter() - loop_started
+        if stop_requested(run):
+            stop_after(run, run.total_steps)
         if cfg.eval.at_end:
             _evaluate(run, run.total_steps, log, evals, console=False)
     return history, evals, pairs_done / loop_s if loop_s > 0 else 0.0
@@ -544,14 +604,53 @@ def after_step(
     if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or (
         cfg.checkpoint.every_epoch and epoch_end
     ):
-        save_checkpoint(run.accelerator, run.output, done, run.train_fp, cfg.checkpoint, cfg.flat())
+        _save_checkpoint(run, done)
+
+
+def _save_checkpoint(run: Run, done: int) -> Path:
+    path = save_checkpoint(
+        run.accelerator,
+        run.output,
+        done,
+        run.train_fp,
+        run.cfg.checkpoint,
+        run.cfg.flat(),
+        need_bytes=checkpoint_bytes(run.wrapped, run.optimizer),
+    )
+    run.directory.checkpointed = done
+    return path
+
+
+def stop_requested(run: Run) -> bool:
+    """Whether SIGTERM / SIGINT reached any process (the same answer on every process)."""
+    return any_process(run.accelerator, run.stop.requested)
+
+
+def stop_after(run: Run, done: int) -> None:
+    """Checkpoint step `done` (unless this step's checkpoint was just written) and raise
+    RunStopped, which says where it is and how to resume (pairopt.training.preemption)."""
+    name = run.stop.name or "a signal to another process"
+    run.say(f"{name} received: step {done} is done; writing its checkpoint")
+    if run.directory.checkpointed == done:
+        checkpoint = run.output / "checkpoints" / f"step-{done:06d}"
+    else:
+        checkpoint = _save_checkpoint(run, done)
+    raise RunStopped(
+        f"stopped by {name} after step {done} of {run.total_steps}; its checkpoint is "
+        f"{checkpoint}. Resume with: {resume_command(run.output)}",
+        checkpoint=checkpoint,
+        step=done,
+    )
 
 
 def _evaluate(
     run: Run, step: int, log: MetricsLog, evals: list[dict[str, float]], *, console: bool
 ) -> None:
     if run.evaluator.ready:
-        evals.append(run.evaluator.run(step))
+        try:
+            evals.append(run.evaluator.run(step, interrupted=lambda: stop_requested(run)))
+        except EvalInterrupted:  # a signal during an evaluation: checkpoint the step it follows
+            stop_after(run, step)
         log.write(step, "eval", evals[-1], console=console)
 
 
