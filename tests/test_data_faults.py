@@ -137,3 +137,32 @@ def test_a_data_file_that_is_not_utf8_names_the_line(tmp_path: Path, tok: Any, s
         PairoptError, match=rf"{path} line {line}, column {column}: byte 0xe9 is not UTF-8"
     ):
         load(path, tok)
+
+
+RANKED = {"prompt": "Tell me about the garden.", "responses": [" A.", " B."], "scores": [2, 1]}
+RANKED_CONV = {
+    "prompt": USER,
+    "responses": [[{"role": "assistant", "content": "Hello"}], "Go"],
+    "scores": [2, 1],
+}
+RANKED_CASES = {
+    "whitespace_prompt": ({**RANKED, "prompt": "  "}, "empty_prompt", {}),
+    "ends_with_user": (
+        {**RANKED_CONV, "responses": [[{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "?"}], "Go"]},
+        "response_not_assistant", {},
+    ),
+    "unknown_role": ({**RANKED_CONV, "prompt": [{"role": "human", "content": "Hi"}]}, "unknown_role", {}),
+    "too_long": ({**RANKED, "responses": [" A.", " swan" * 300]}, "too_long", {"max_tokens": 64}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", RANKED_CASES)
+def test_ranked_rows_have_the_same_checks(tmp_path: Path, tok: Any, case: str) -> None:
+    """Rows of k scored responses (the ranked format) are checked like pairs."""
+    bad, reason, extra = RANKED_CASES[case]
+    good = RANKED_CONV if isinstance(bad["prompt"], list) else RANKED
+    path = write_jsonl(tmp_path / "r.jsonl", [good, bad])
+    with pytest.raises(PairoptError, match=rf"Row 1 of split 'train'.*\[{reason}\]"):
+        load(path, tok, **extra)
+    data = load(path, tok, on_bad_row="skip", **extra)
+    assert len(data.train) == 1 and data.report.skipped == {reason: 1}
