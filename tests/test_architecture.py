@@ -17,6 +17,7 @@ from train_fixtures import make_tiny_model_dir, tiny_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import pairopt
+import pairopt.training.steps as steps
 import pairopt.training.trainer as trainer
 from pairopt.engine.logps import default_chunk_size, token_logps, vocab_size
 from pairopt.errors import PairoptError
@@ -74,7 +75,7 @@ def test_metrics_file_and_bar_are_closed_when_a_step_fails(
     model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     logs: list = []
-    real_log, real_step = trainer.MetricsLog, trainer.train_step
+    real_log, real_step = steps.MetricsLog, steps.train_step
 
     def spy_log(*args, **kwargs):
         logs.append(real_log(*args, **kwargs))
@@ -85,8 +86,8 @@ def test_metrics_file_and_bar_are_closed_when_a_step_fails(
             raise RuntimeError("injected")
         return real_step(run, step, epoch, micro_batches)
 
-    monkeypatch.setattr(trainer, "MetricsLog", spy_log)
-    monkeypatch.setattr(trainer, "train_step", failing_step)
+    monkeypatch.setattr(steps, "MetricsLog", spy_log)
+    monkeypatch.setattr(steps, "train_step", failing_step)
     with pytest.raises(RuntimeError, match="injected"):
         trainer.train(tiny_config(model_dir, tmp_path / "out"))
     assert len(logs) == 1 and logs[0].file is None  # closed by the with-block

@@ -11,7 +11,7 @@ import pytest
 from train_fixtures import make_tiny_model_dir
 
 import pairopt.training.policy
-import pairopt.training.trainer
+import pairopt.training.setup
 from pairopt.cli import main as cli
 
 
@@ -22,10 +22,10 @@ def nothing_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("a model/tokenizer/dataset was loaded before the input was validated")
 
-    monkeypatch.setattr(pairopt.training.trainer, "load_model", refuse)
+    monkeypatch.setattr(pairopt.training.setup, "load_model", refuse)
     monkeypatch.setattr(pairopt.training.policy, "load_causal_lm", refuse)
-    monkeypatch.setattr(pairopt.training.trainer, "load_tokenizer", refuse)
-    monkeypatch.setattr("pairopt.training.trainer.load_preference_data", refuse)
+    monkeypatch.setattr(pairopt.training.setup, "load_tokenizer", refuse)
+    monkeypatch.setattr("pairopt.training.setup.load_preference_data", refuse)
 
 
 def squash(text: str) -> str:
@@ -314,7 +314,7 @@ def test_a_row_budget_below_a_pair_fails_before_the_model_loads(
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the row budget was checked")
 
-    monkeypatch.setattr(pairopt.training.trainer, "load_model", refuse)
+    monkeypatch.setattr(pairopt.training.setup, "load_model", refuse)
     monkeypatch.setenv("PAIROPT_CACHE", str(tmp_path / "cache"))
     argv = [
         "--loss",

@@ -153,9 +153,9 @@ def test_a_signal_before_the_first_step_stops_at_once_and_leaves_nothing(
 ) -> None:
     """SIGTERM while the model loads: nothing to save, so the run stops at once, the directory
     it made is removed, and the same command then runs."""
-    import pairopt.training.trainer as trainer
+    import pairopt.training.setup as setup
 
-    real = trainer.build_models
+    real = setup.build_models
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -164,7 +164,7 @@ def test_a_signal_before_the_first_step_stops_at_once_and_leaves_nothing(
             signal.raise_signal(signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "build_models", interrupted)
+    monkeypatch.setattr(setup, "build_models", interrupted)
     run_dir = tmp_path / "run"
     argv = [
         "train", "--loss", "dpo", "--model", str(model_dir), "--output-dir", str(run_dir),
