@@ -6,7 +6,13 @@ import torch
 from pydantic import Field
 
 from losses.dpo import dpo_losses
-from pairopt.loss import LogRatios, LossConfig, LossOutput, ReferencePairLoss, register_loss
+from pairopt.loss import (
+    LengthDesensitizedConfig,
+    LogRatios,
+    LossOutput,
+    ReferencePairLoss,
+    register_loss,
+)
 
 
 @register_loss("aot")
@@ -28,6 +34,9 @@ class AOT(ReferencePairLoss):
     one-dimensional optimal-transport coupling: the loss asks the policy's margin distribution to
     dominate the reference's (first-order stochastic dominance), not each pair's margin.
 
+    Options: `ld_alpha` (LD-DPO) weighs the tokens past the shorter response by α in every sum
+    (pairopt.loss.base); WPO weighting is refused, as in TRL (the sort would misalign it).
+
     Shapes: policy and reference PairLogps fields (N,) → losses (N,). loss_i belongs to the i-th
     rank, not to pair i: the batch is coupled (the mean is the batch loss), and with N = 1 it is
     `dpo` with label smoothing.
@@ -44,7 +53,7 @@ class AOT(ReferencePairLoss):
 
     summary = "AOT (paired): logistic loss on sorted policy vs sorted reference margins"
 
-    class Config(LossConfig):
+    class Config(LengthDesensitizedConfig):
         beta: float = Field(0.1, gt=0, description="β: temperature on the sorted margin difference")
         label_smoothing: float = Field(
             0.0, ge=0, lt=0.5, description="ε: label smoothing of the logistic loss"

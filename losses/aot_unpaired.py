@@ -6,7 +6,13 @@ import torch
 from pydantic import Field
 
 from losses.dpo import dpo_losses
-from pairopt.loss import LogRatios, LossConfig, LossOutput, ReferencePairLoss, register_loss
+from pairopt.loss import (
+    LengthDesensitizedConfig,
+    LogRatios,
+    LossOutput,
+    ReferencePairLoss,
+    register_loss,
+)
 
 
 @register_loss("aot_unpaired")
@@ -27,6 +33,9 @@ class AOTUnpaired(ReferencePairLoss):
     logistic sigmoid. The chosen and rejected responses need not be paired: only the two
     distributions of log-ratios are compared.
 
+    Options: `ld_alpha` (LD-DPO) weighs the tokens past the shorter response by α in every sum
+    (pairopt.loss.base); WPO weighting is refused, as in TRL (the sort would misalign it).
+
     Shapes: policy and reference PairLogps fields (N,) → losses (N,). loss_i belongs to the i-th
     rank: the batch is coupled (the mean is the batch loss); with N = 1 it is `dpo` with label
     smoothing.
@@ -42,7 +51,7 @@ class AOTUnpaired(ReferencePairLoss):
 
     summary = "AOT (unpaired): logistic loss on sorted chosen vs sorted rejected log-ratios"
 
-    class Config(LossConfig):
+    class Config(LengthDesensitizedConfig):
         beta: float = Field(0.1, gt=0, description="β: temperature on the sorted difference")
         label_smoothing: float = Field(
             0.0, ge=0, lt=0.5, description="ε: label smoothing of the logistic loss"

@@ -6,10 +6,11 @@ import torch
 from pydantic import Field
 
 from pairopt.loss import (
+    LengthDesensitizedConfig,
     LogRatios,
-    LossConfig,
     LossOutput,
     ReferencePairLoss,
+    WeightedConfig,
     register_loss,
     reward_metrics,
 )
@@ -31,6 +32,9 @@ class APOZero(ReferencePairLoss):
     σ the logistic sigmoid. Use it when the chosen responses are better than what the model
     produces now.
 
+    Options: `ld_alpha` (LD-DPO) weighs the tokens past the shorter response by α in every sum;
+    `use_weighting` (WPO) multiplies each pair's loss by w_c·w_r (pairopt.loss.base).
+
     Shapes: policy and reference PairLogps fields (N,) → losses (N,).
 
     Metrics: rewards = β·(S − S^ref), detached.
@@ -44,7 +48,7 @@ class APOZero(ReferencePairLoss):
         "Anchored PO, zero anchor: chosen likelihood up, rejected down (chosen beats the model)"
     )
 
-    class Config(LossConfig):
+    class Config(LengthDesensitizedConfig, WeightedConfig):
         beta: float = Field(0.1, gt=0, description="β: scales the implicit rewards")
 
     config: Config

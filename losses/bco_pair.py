@@ -8,10 +8,12 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from pairopt.loss import (
+    LengthDesensitizedConfig,
     LogRatios,
     LossConfig,
     LossOutput,
     ReferencePairLoss,
+    WeightedConfig,
     register_loss,
     reward_metrics,
 )
@@ -34,6 +36,9 @@ class BCOPair(ReferencePairLoss):
     Symbols: S summed policy log-probs, S^ref the reference's, c chosen, r rejected; β temperature;
     σ the logistic sigmoid; δ the reward shift that centres the classifier.
 
+    Options: `ld_alpha` (LD-DPO) weighs the tokens past the shorter response by α in every sum;
+    `use_weighting` (WPO) multiplies each pair's loss by w_c·w_r (pairopt.loss.base).
+
     Shapes: policy and reference PairLogps fields (N,) → losses (N,).
 
     State: δ lives in buffers (`reward_shift`, `num_batches`), so it follows `.to(device)` and is
@@ -53,7 +58,7 @@ class BCOPair(ReferencePairLoss):
         "Binary Classifier Optimisation: logistic loss on each reward around a running shift δ"
     )
 
-    class Config(LossConfig):
+    class Config(LengthDesensitizedConfig, WeightedConfig):
         beta: float = Field(0.1, gt=0, description="β: scales the implicit rewards")
 
     config: Config

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pairopt.errors import PairoptError
 from pairopt.loss import (
+    Loss,
     LossConfig,
     LossOutput,
     PairLoss,
@@ -93,6 +94,11 @@ class Combined(PairLoss):
         self.terms = torch.nn.ModuleList(build_loss(t.name, **t.params) for t in self.config.terms)
         self.weights = [t.weight for t in self.config.terms]
         self.requires_reference = any(term.requires_reference for term in self.terms)
+        built: list[Loss] = list(self.terms)  # type: ignore[arg-type]  # ModuleList of Loss
+        self.token_statistics = frozenset().union(*(t.token_statistics for t in built))
+        self.reference_token_statistics = frozenset().union(
+            *(t.reference_token_statistics for t in built)
+        )
         names = [t.name for t in self.config.terms]
         self._metric_names = [
             f"loss/{name}" if names.count(name) == 1 else f"loss/{name}_{i}"

@@ -6,7 +6,15 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from pairopt.loss import DivergenceConfig, LogRatios, LossOutput, ReferencePairLoss, register_loss
+from pairopt.loss import (
+    DivergenceConfig,
+    LengthDesensitizedConfig,
+    LogRatios,
+    LossOutput,
+    ReferencePairLoss,
+    WeightedConfig,
+    register_loss,
+)
 
 
 @register_loss("discopop")
@@ -31,6 +39,9 @@ class DiscoPOP(ReferencePairLoss):
     in the margin by f'(e^s) (pairopt.loss.base.divergence_score); the default reverse_kl is the
     formula as written.
 
+    Options: `ld_alpha` (LD-DPO) weighs the tokens past the shorter response by α in every sum;
+    `use_weighting` (WPO) multiplies each pair's loss by w_c·w_r (pairopt.loss.base).
+
     Shapes: policy and reference PairLogps fields (N,) → losses (N,).
 
     Metrics: rewards = β·(S − S^ref), detached.
@@ -44,7 +55,7 @@ class DiscoPOP(ReferencePairLoss):
 
     summary = "DiscoPOP: log-ratio modulated blend of logistic and exponential losses"
 
-    class Config(DivergenceConfig):
+    class Config(DivergenceConfig, LengthDesensitizedConfig, WeightedConfig):
         beta: float = Field(0.1, gt=0, description="β: temperature on the log-ratio margin")
         tau: float = Field(
             0.05, gt=0, description="τ: temperature of the modulation σ(βΔ/τ) (TRL discopop_tau)"

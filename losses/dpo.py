@@ -6,7 +6,15 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from pairopt.loss import DivergenceConfig, LogRatios, LossOutput, ReferencePairLoss, register_loss
+from pairopt.loss import (
+    DivergenceConfig,
+    LengthDesensitizedConfig,
+    LogRatios,
+    LossOutput,
+    ReferencePairLoss,
+    WeightedConfig,
+    register_loss,
+)
 
 
 def dpo_losses(beta: float, label_smoothing: float, margin_N: torch.Tensor) -> torch.Tensor:
@@ -37,6 +45,9 @@ class DPO(ReferencePairLoss):
     in the margin by f'(e^s) (pairopt.loss.base.divergence_score); the default reverse_kl is the
     formula as written.
 
+    Options: `ld_alpha` (LD-DPO) weighs the tokens past the shorter response by α in every sum;
+    `use_weighting` (WPO) multiplies each pair's loss by w_c·w_r (pairopt.loss.base).
+
     Shapes: policy and reference PairLogps fields (N,) → losses (N,).
 
     Metrics: rewards = β·(S − S^ref), detached.
@@ -50,7 +61,7 @@ class DPO(ReferencePairLoss):
 
     summary = "Direct Preference Optimization; label_smoothing > 0 gives conservative DPO (cDPO)"
 
-    class Config(DivergenceConfig):
+    class Config(DivergenceConfig, LengthDesensitizedConfig, WeightedConfig):
         beta: float = Field(
             0.1, gt=0, description="β: temperature on the log-ratio margin (TRL default 0.1)"
         )

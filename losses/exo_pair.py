@@ -8,7 +8,15 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from pairopt.loss import DivergenceConfig, LogRatios, LossOutput, ReferencePairLoss, register_loss
+from pairopt.loss import (
+    DivergenceConfig,
+    LengthDesensitizedConfig,
+    LogRatios,
+    LossOutput,
+    ReferencePairLoss,
+    WeightedConfig,
+    register_loss,
+)
 
 
 @register_loss("exo_pair")
@@ -32,6 +40,9 @@ class EXOPair(ReferencePairLoss):
     in the margin by f'(e^s) (pairopt.loss.base.divergence_score); the default reverse_kl is the
     formula as written.
 
+    Options: `ld_alpha` (LD-DPO) weighs the tokens past the shorter response by α in every sum;
+    `use_weighting` (WPO) multiplies each pair's loss by w_c·w_r (pairopt.loss.base).
+
     Shapes: policy and reference PairLogps fields (N,) → losses (N,).
 
     Metrics: rewards = β·(S − S^ref), detached.
@@ -45,7 +56,7 @@ class EXOPair(ReferencePairLoss):
 
     summary = "EXO: reverse KL between the policy's pair preference and a smoothed label"
 
-    class Config(DivergenceConfig):
+    class Config(DivergenceConfig, LengthDesensitizedConfig, WeightedConfig):
         beta: float = Field(0.1, gt=0, description="β: temperature on the log-ratio margin")
         label_smoothing: float = Field(
             1e-3, gt=0, lt=0.5, description="ε: the target puts 1 − ε on chosen and ε on rejected"

@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from pairopt.loss import DivergenceConfig, LogRatios, LossOutput, ReferencePairLoss, register_loss
+from pairopt.loss import (
+    DivergenceConfig,
+    LengthDesensitizedConfig,
+    LogRatios,
+    LossOutput,
+    ReferencePairLoss,
+    WeightedConfig,
+    register_loss,
+)
 
 
 @register_loss("hinge")
@@ -28,6 +36,9 @@ class Hinge(ReferencePairLoss):
     in the margin by f'(e^s) (pairopt.loss.base.divergence_score); the default reverse_kl is the
     formula as written.
 
+    Options: `ld_alpha` (LD-DPO) weighs the tokens past the shorter response by α in every sum;
+    `use_weighting` (WPO) multiplies each pair's loss by w_c·w_r (pairopt.loss.base).
+
     Shapes: policy and reference PairLogps fields (N,) → losses (N,).
 
     Metrics: rewards = β·(S − S^ref), detached.
@@ -39,7 +50,7 @@ class Hinge(ReferencePairLoss):
 
     summary = "Hinge loss max(0, 1 − βΔ) on the DPO margin (SLiC, RSO)"
 
-    class Config(DivergenceConfig):
+    class Config(DivergenceConfig, LengthDesensitizedConfig, WeightedConfig):
         beta: float = Field(0.1, gt=0, description="β: pairs with margin Δ > 1/β add no loss")
 
     config: Config

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from pairopt.loss import DivergenceConfig, LogRatios, LossOutput, ReferencePairLoss, register_loss
+from pairopt.loss import (
+    DivergenceConfig,
+    LengthDesensitizedConfig,
+    LogRatios,
+    LossOutput,
+    ReferencePairLoss,
+    WeightedConfig,
+    register_loss,
+)
 
 
 @register_loss("ipo")
@@ -27,6 +35,9 @@ class IPO(ReferencePairLoss):
     in the margin by f'(e^s) (pairopt.loss.base.divergence_score); the default reverse_kl is the
     formula as written.
 
+    Options: `ld_alpha` (LD-DPO) weighs the tokens past the shorter response by α in every sum;
+    `use_weighting` (WPO) multiplies each pair's loss by w_c·w_r (pairopt.loss.base).
+
     Shapes: policy and reference PairLogps fields (N,) → losses (N,).
 
     Metrics: rewards = β·(S − S^ref) on summed log-probs (as TRL logs them), detached.
@@ -42,7 +53,7 @@ class IPO(ReferencePairLoss):
         "Identity Preference Optimisation: squared loss pulling the per-token margin to 1/(2β)"
     )
 
-    class Config(DivergenceConfig):
+    class Config(DivergenceConfig, LengthDesensitizedConfig, WeightedConfig):
         beta: float = Field(
             0.1, gt=0, description="β (τ in the paper): the target per-token margin is 1/(2β)"
         )

@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from pairopt.loss import LogRatios, LossConfig, LossOutput, ReferencePairLoss, register_loss
+from pairopt.loss import (
+    LengthDesensitizedConfig,
+    LogRatios,
+    LossOutput,
+    ReferencePairLoss,
+    WeightedConfig,
+    register_loss,
+)
 
 
 @register_loss("kto_pair")
@@ -25,6 +32,9 @@ class KTOPair(ReferencePairLoss):
     σ the logistic sigmoid; KL_c, KL_r batch-local estimates of the policy/reference KL.
     The mean of loss_i over the batch is TRL's mean over its 2N terms.
 
+    Options: `ld_alpha` (LD-DPO) weighs the tokens past the shorter response by α in every sum;
+    `use_weighting` (WPO) multiplies each pair's loss by w_c·w_r (pairopt.loss.base).
+
     Shapes: policy and reference PairLogps fields (N,) → losses (N,). The KL estimates couple the
     pairs of a batch: loss_i depends on every pair, and so does its gradient.
 
@@ -42,7 +52,7 @@ class KTOPair(ReferencePairLoss):
         "KTO on pairs: prospect-theoretic loss against batch KL estimates (TRL's historic kto_pair)"
     )
 
-    class Config(LossConfig):
+    class Config(LengthDesensitizedConfig, WeightedConfig):
         beta: float = Field(0.1, gt=0, description="β: scales the rewards and KL reference point")
 
     config: Config

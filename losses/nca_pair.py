@@ -6,10 +6,11 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from pairopt.loss import (
+    LengthDesensitizedConfig,
     LogRatios,
-    LossConfig,
     LossOutput,
     ReferencePairLoss,
+    WeightedConfig,
     register_loss,
     reward_metrics,
 )
@@ -31,6 +32,9 @@ class NCAPair(ReferencePairLoss):
     σ the logistic sigmoid. Unlike DPO, which only sees r_c − r_r, NCA pushes r_c up and r_r down
     each against 0, so the chosen likelihood is not free to fall.
 
+    Options: `ld_alpha` (LD-DPO) weighs the tokens past the shorter response by α in every sum;
+    `use_weighting` (WPO) multiplies each pair's loss by w_c·w_r (pairopt.loss.base).
+
     Shapes: policy and reference PairLogps fields (N,) → losses (N,).
 
     Metrics: rewards = β·(S − S^ref), detached.
@@ -42,7 +46,7 @@ class NCAPair(ReferencePairLoss):
 
     summary = "Noise Contrastive Alignment: absolute reward targets for chosen and rejected"
 
-    class Config(LossConfig):
+    class Config(LengthDesensitizedConfig, WeightedConfig):
         beta: float = Field(0.1, gt=0, description="β: scales the implicit rewards")
 
     config: Config

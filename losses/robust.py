@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch.nn.functional as F
 from pydantic import Field
 
-from pairopt.loss import DivergenceConfig, LogRatios, LossOutput, ReferencePairLoss, register_loss
+from pairopt.loss import (
+    DivergenceConfig,
+    LengthDesensitizedConfig,
+    LogRatios,
+    LossOutput,
+    ReferencePairLoss,
+    WeightedConfig,
+    register_loss,
+)
 
 
 @register_loss("robust")
@@ -29,6 +37,9 @@ class Robust(ReferencePairLoss):
     in the margin by f'(e^s) (pairopt.loss.base.divergence_score); the default reverse_kl is the
     formula as written.
 
+    Options: `ld_alpha` (LD-DPO) weighs the tokens past the shorter response by α in every sum;
+    `use_weighting` (WPO) multiplies each pair's loss by w_c·w_r (pairopt.loss.base).
+
     Shapes: policy and reference PairLogps fields (N,) → losses (N,).
 
     Metrics: rewards = β·(S − S^ref), detached.
@@ -42,7 +53,7 @@ class Robust(ReferencePairLoss):
 
     summary = "Robust DPO: DPO de-biased for labels flipped with probability ε"
 
-    class Config(DivergenceConfig):
+    class Config(DivergenceConfig, LengthDesensitizedConfig, WeightedConfig):
         beta: float = Field(0.1, gt=0, description="β: temperature on the log-ratio margin")
         label_smoothing: float = Field(
             0.1,

@@ -7,9 +7,11 @@ from pydantic import Field
 from losses.dpo import dpo_losses
 from pairopt.loss import (
     DivergenceConfig,
+    LengthDesensitizedConfig,
     LogRatios,
     LossOutput,
     ReferencePairLoss,
+    WeightedConfig,
     average_logps,
     register_loss,
 )
@@ -34,6 +36,9 @@ class RPO(ReferencePairLoss):
     in the margin by f'(e^s) (pairopt.loss.base.divergence_score); the default reverse_kl is the
     formula as written.
 
+    Options: `ld_alpha` (LD-DPO) weighs the tokens past the shorter response by α in every sum;
+    `use_weighting` (WPO) multiplies each pair's loss by w_c·w_r (pairopt.loss.base).
+
     Shapes: policy and reference PairLogps fields (N,) → losses (N,).
 
     Metrics: rewards = β·(S − S^ref), detached; `nll_loss` = mean(−S_c / n_c).
@@ -48,7 +53,7 @@ class RPO(ReferencePairLoss):
 
     summary = "RPO: DPO plus α × per-token NLL on the chosen response"
 
-    class Config(DivergenceConfig):
+    class Config(DivergenceConfig, LengthDesensitizedConfig, WeightedConfig):
         beta: float = Field(0.1, gt=0, description="β: temperature on the log-ratio margin")
         label_smoothing: float = Field(
             0.0, ge=0, lt=0.5, description="ε: label smoothing of the DPO term (cDPO)"

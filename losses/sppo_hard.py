@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from pairopt.loss import LogRatios, LossConfig, LossOutput, ReferencePairLoss, register_loss
+from pairopt.loss import (
+    LengthDesensitizedConfig,
+    LogRatios,
+    LossOutput,
+    ReferencePairLoss,
+    WeightedConfig,
+    register_loss,
+)
 
 
 @register_loss("sppo_hard")
@@ -23,6 +30,9 @@ class SPPOHard(ReferencePairLoss):
     Symbols: S summed policy log-probs, S^ref the reference's, c chosen, r rejected; β sets the
     targets: the chosen log-ratio is pulled to +1/(2β) nats, the rejected to −1/(2β).
 
+    Options: `ld_alpha` (LD-DPO) weighs the tokens past the shorter response by α in every sum;
+    `use_weighting` (WPO) multiplies each pair's loss by w_c·w_r (pairopt.loss.base).
+
     Shapes: policy and reference PairLogps fields (N,) → losses (N,).
 
     Metrics: rewards = β·(S − S^ref), detached.
@@ -35,7 +45,7 @@ class SPPOHard(ReferencePairLoss):
 
     summary = "SPPO, hard labels: squared loss pulling log-ratios to ±1/(2β)"
 
-    class Config(LossConfig):
+    class Config(LengthDesensitizedConfig, WeightedConfig):
         beta: float = Field(
             0.1, gt=0, description="β: chosen/rejected log-ratio targets are ±1/(2β)"
         )

@@ -105,7 +105,10 @@ def test_loss_params_are_coerced_by_the_plugin_config() -> None:
         "label_smoothing": 0.1,
         "f_divergence": "js_divergence",
         "f_alpha": 0.5,
+        "ld_alpha": None,
+        "use_weighting": False,
     }
+    assert list(cfg.loss.params)[:2] == ["beta", "label_smoothing"]  # the loss's own first
     combined = parse_train_args(
         ["--loss", "combined", "--loss.terms", "[{name: dpo}, {name: sft, weight: 0.2}]"]
     )

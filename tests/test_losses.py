@@ -656,6 +656,8 @@ def _out_of_range(field) -> list[Any]:
     values: list[Any] = []
     if typing.get_origin(field.annotation) is typing.Literal:  # bounded by its choices
         values.append("not_one_of_the_choices")
+    if field.annotation is bool:  # bounded by true / false
+        values.append("sometimes")
     for item in field.metadata:
         if isinstance(item, annotated_types.Gt):
             values.append(item.gt)

@@ -54,6 +54,20 @@ class LossConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+    @classmethod
+    def ordered_fields(cls) -> dict[str, Any]:
+        """The fields with the plugin's own first, then those of the option mixins it takes
+        (DivergenceConfig, LengthDesensitizedConfig, WeightedConfig): the order `pairopt
+        losses`, the docs and config.yaml show (pydantic puts inherited fields first)."""
+        options = [
+            name
+            for mixin in (DivergenceConfig, LengthDesensitizedConfig, WeightedConfig)
+            for name in mixin.model_fields
+            if name in cls.model_fields
+        ]
+        order = [name for name in cls.model_fields if name not in options] + options
+        return {name: cls.model_fields[name] for name in order}
+
 
 @dataclass
 class LossOutput:
@@ -81,14 +95,20 @@ class Loss(torch.nn.Module):
       kind                "pair" or "list": what `compute` receives (set by the base class)
       summary             one line, shown by `pairopt losses`
       requires_reference  whether `compute` needs the reference model's log-probs
+      token_statistics    per-token values the policy's forward must also give
+                          (pairopt.engine.logps.TOKEN_STATISTICS; in PairLogps.token_values)
+      reference_token_statistics  the same, of the reference's forward
       Config              the pydantic model of its parameters (frozen, bounded, described)
     """
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""
     summary: ClassVar[str] = ""
-    # Not a ClassVar: a combination decides per instance (its terms), see losses/combined.py.
+    # Not ClassVars: a combination decides per instance (its terms), see losses/combined.py,
+    # and LD-DPO / WPO options need token statistics only when they are on.
     requires_reference: bool = False
+    token_statistics: frozenset[str] = frozenset()
+    reference_token_statistics: frozenset[str] = frozenset()
     Config: ClassVar[type[LossConfig]] = LossConfig
 
     def __init__(self, config: LossConfig | None = None) -> None:
@@ -214,12 +234,7 @@ def _check_logps(logps: PairLogps, what: str) -> None:
 
 def _upcast(logps: PairLogps) -> PairLogps:
     if logps.chosen_logps.dtype in (torch.float16, torch.bfloat16):
-        return PairLogps(
-            logps.chosen_logps.float(),
-            logps.rejected_logps.float(),
-            logps.chosen_tokens,
-            logps.rejected_tokens,
-        )
+        return logps._map(lambda t: t.float())
     return logps
 
 
@@ -302,6 +317,69 @@ class DivergenceConfig(LossConfig):
     )
 
 
+class LengthDesensitizedConfig(LossConfig):
+    """Config field of the losses that take LD-DPO's length desensitisation."""
+
+    ld_alpha: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="LD-DPO α: the log-probs of a response's tokens past the shorter response's "
+        "length count α times, for policy and reference (TRL's ld_alpha); null = plain sums",
+    )
+
+
+class WeightedConfig(LossConfig):
+    """Config field of the losses that take WPO's per-pair weights."""
+
+    use_weighting: bool = Field(
+        False,
+        description="WPO: weigh each pair's loss by w_c·w_r, w = exp(mean over the response's "
+        "tokens of log p(y_t) − log Σ_v p_v²), detached (TRL's use_weighting)",
+    )
+
+
+def length_desensitized(logps: PairLogps, alpha: float) -> PairLogps:
+    """LD-DPO: each response's summed log-prob with its tokens past l_p = min(n_c, n_r) counted
+    α times: S_public + α·S_verbose (only the longer response of a pair has a verbose part).
+    Liu et al. 2024, https://arxiv.org/abs/2409.06411 ; needs the "logps" token statistic."""
+    chosen_NL, rejected_NL = logps.token_values["logps"]
+    shorter_N = torch.minimum(logps.chosen_tokens, logps.rejected_tokens)
+
+    def weighted(tokens_NL: torch.Tensor) -> torch.Tensor:
+        steps_L = torch.arange(tokens_NL.shape[1], device=tokens_NL.device)
+        verbose_NL = steps_L[None, :] >= shorter_N[:, None]  # padding holds 0s: no matter
+        return (tokens_NL * torch.where(verbose_NL, alpha, 1.0).to(tokens_NL.dtype)).sum(-1)
+
+    return PairLogps(
+        weighted(chosen_NL),
+        weighted(rejected_NL),
+        logps.chosen_tokens,
+        logps.rejected_tokens,
+        logps.token_values,
+    )
+
+
+def wpo_weights(policy: PairLogps) -> torch.Tensor:
+    """WPO: w_c·w_r per pair, (N,), detached; w = exp(mean_t [log p(y_t) − log Σ_v p_v²]) over
+    a response's tokens (TRL 1.16; no clamp). Zhou et al. 2024, https://arxiv.org/abs/2406.11827 ;
+    needs the "logps" and "log_sq_mass" token statistics of the policy."""
+    with torch.no_grad():
+        (chosen, rejected), (chosen_sq, rejected_sq) = (
+            policy.token_values["logps"],
+            policy.token_values["log_sq_mass"],
+        )
+
+        def weight(values_NL: torch.Tensor, sq_NL: torch.Tensor, n_N: torch.Tensor) -> torch.Tensor:
+            # padding: both values are 0 there, so the sum runs over the response's tokens
+            n = n_N.clamp(min=1).to(values_NL.dtype)
+            return torch.exp((values_NL - sq_NL).sum(-1) / n)
+
+        return weight(chosen, chosen_sq, policy.chosen_tokens) * weight(
+            rejected, rejected_sq, policy.rejected_tokens
+        )
+
+
 @dataclass(frozen=True)
 class LogRatios:
     """The policy's log-ratios to the reference, per pair (each property is (N,)).
@@ -375,16 +453,39 @@ class ReferencePairLoss(PairLoss):
 
     requires_reference = True
 
+    def __init__(self, config: LossConfig | None = None) -> None:
+        super().__init__(config)
+        self.ld_alpha: float | None = getattr(self.config, "ld_alpha", None)
+        self.use_weighting: bool = getattr(self.config, "use_weighting", False)
+        policy_stats, reference_stats = set(), set()
+        if self.ld_alpha is not None:
+            policy_stats.add("logps")
+            reference_stats.add("logps")
+        if self.use_weighting:
+            policy_stats |= {"logps", "log_sq_mass"}
+        self.token_statistics = frozenset(policy_stats)
+        self.reference_token_statistics = frozenset(reference_stats)
+
     def compute(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
         if reference is None:  # forward() refuses this first; direct callers get the same message
             raise PairoptError(
                 f"loss {self.name or type(self).__name__!r} needs the reference model's log-probs"
             )
+        raw = policy
+        if self.ld_alpha is not None:  # LD-DPO: every later quantity sees the weighted sums
+            policy = length_desensitized(policy, self.ld_alpha)
+            reference = length_desensitized(reference, self.ld_alpha)
         if isinstance(self.config, DivergenceConfig):
             ratios = LogRatios(policy, reference, self.config.f_divergence, self.config.f_alpha)
         else:
             ratios = LogRatios(policy, reference)
-        return self.compute_ratios(ratios)
+        out = self.compute_ratios(ratios)
+        if self.use_weighting:  # WPO: on the raw per-token log-probs, as TRL
+            weights_N = wpo_weights(raw).to(out.losses.dtype)
+            out = LossOutput(
+                out.losses * weights_N, {**out.metrics, "wpo_weight": weights_N.mean()}
+            )
+        return out
 
     def compute_ratios(self, ratios: LogRatios) -> LossOutput:
         """Per-pair losses (N,) and metrics from the log-ratios."""

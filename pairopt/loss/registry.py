@@ -209,7 +209,7 @@ def validate_params(cls: type[Loss], params: dict[str, Any]) -> LossConfig:
 
 def _describe_error(cls: type[Loss], error: Any) -> str:
     loc = ".".join(str(part) for part in error["loc"]) or "(config)"
-    fields = cls.Config.model_fields
+    fields = cls.Config.ordered_fields()
     if error["type"] == "extra_forbidden":
         valid = ", ".join(fields) or "none"
         return f"unknown parameter {loc!r} (parameters of {cls.name!r}: {valid})"

@@ -85,7 +85,7 @@ def params_of(cls: type[Loss]) -> list[Param]:
             _bounds(field),
             field.description or "",
         )
-        for name, field in cls.Config.model_fields.items()
+        for name, field in cls.Config.ordered_fields().items()
     ]
 
 

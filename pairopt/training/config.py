@@ -136,7 +136,9 @@ class LossSection(BaseModel):
         except PairoptError as err:
             raise ValueError(str(err)) from None
         # The resolved config shows every parameter, defaults included.
-        object.__setattr__(self, "params", validated.model_dump(mode="json"))
+        dumped = validated.model_dump(mode="json")
+        ordered = {name: dumped[name] for name in validated.ordered_fields()}
+        object.__setattr__(self, "params", ordered)
         return self
 
     def flat(self) -> dict[str, Any]:

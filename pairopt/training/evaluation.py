@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from pairopt.data.batch import GroupBatch
-from pairopt.pairs import GroupLogps, offsets_of
+from pairopt.pairs import GroupLogps
 from pairopt.training.config import EvalConfig
 from pairopt.training.loss_inputs import apply_loss
 from pairopt.training.policy import Groups
@@ -66,9 +66,11 @@ class Evaluator:
             from accelerate.utils import gather_object
 
             rows = gather_object(rows)
-        rows.sort()
-        policy_all = _flat([(r[1], r[2]) for r in rows])
-        reference_all = _flat([(r[3], r[2]) for r in rows]) if self.reference is not None else None
+        rows.sort(key=lambda row: row[0])
+        policy_all = GroupLogps.cat([r[1] for r in rows])
+        reference_all = None
+        if self.reference is not None:
+            reference_all = GroupLogps.cat([r[2] for r in rows if r[2] is not None])
         everything = self.rows_to_batch(self.dataset[:])
         out = apply_loss(
             self.loss_fn,
@@ -86,14 +88,15 @@ class Evaluator:
 
     def _my_rows(
         self, step: int, interrupted: Callable[[], bool] | None = None
-    ) -> list[tuple[int, list[float], list[int], list[float]]]:
-        """(row, policy log-probs, token counts, reference log-probs) of this process's groups."""
+    ) -> list[tuple[int, GroupLogps, GroupLogps | None]]:
+        """(row, policy log-probs, reference log-probs) of this process's groups, one group
+        each, on the CPU in float32 (per-token values the loss asked for included)."""
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         n = len(self.dataset)
         per_process = math.ceil(n / world)
         mine = list(range(rank, n, world))
         mine += [-1] * (per_process - len(mine))  # -1: padding, computed on row 0 and dropped
-        rows: list[tuple[int, list[float], list[int], list[float]]] = []
+        rows: list[tuple[int, GroupLogps, GroupLogps | None]] = []
         bar = work_bar(
             self.progress and self.accelerator.is_main_process,
             math.ceil(per_process / self.cfg.batch_size),
@@ -110,22 +113,21 @@ class Evaluator:
                 ref = None
                 if self.reference is not None:
                     ref = self.reference.logps(batch, real, "eval")
-                bounds = policy.offsets.tolist()
-                values, tokens = policy.logps.float().tolist(), policy.tokens.tolist()
-                ref_values = ref.logps.float().tolist() if ref is not None else []
+                policy, ref = _host(policy), None if ref is None else _host(ref)
                 for j, index in enumerate(batch_rows):
                     if index < 0:
                         continue
-                    span = slice(bounds[j], bounds[j + 1])
-                    rows.append((index, values[span], tokens[span], ref_values[span]))
+                    rows.append((index, policy.take([j]), None if ref is None else ref.take([j])))
                 bar.update(1)
         return rows
 
 
-def _flat(groups: list[tuple[list[float], list[int]]]) -> GroupLogps:
-    """Per-group (log-probs, token counts) lists -> one flat GroupLogps (float32 values)."""
+def _host(logps: GroupLogps) -> GroupLogps:
+    """On the CPU in float32, detached: what the evaluation keeps of a batch."""
+    logps = logps.detach().to("cpu")
     return GroupLogps(
-        torch.tensor([v for values, _ in groups for v in values], dtype=torch.float32),
-        torch.tensor([n for _, tokens in groups for n in tokens], dtype=torch.long),
-        offsets_of([len(tokens) for _, tokens in groups]),
+        logps.logps.float(),
+        logps.tokens,
+        logps.offsets,
+        {name: v.float() for name, v in logps.token_values.items()},
     )

@@ -210,7 +210,10 @@ def precompute_reference(
     same branch."""
     active = {name: ds for name, ds in splits.items() if ds is not None}
     key = cache_key(
-        model_fingerprint(model), {n: dataset_fingerprint(ds) for n, ds in active.items()}, dtype
+        model_fingerprint(model),
+        {n: dataset_fingerprint(ds) for n, ds in active.items()},
+        dtype,
+        engine_kwargs.get("statistics", ()),
     )
     path = cache_path(Path(cache_dir).expanduser() if cache_dir else default_cache_dir(), key)
     original_device = next(model.parameters()).device

@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from torch import nn
 
 from pairopt.data.batch import GroupBatch
 from pairopt.errors import PairoptError
-from pairopt.pairs import GroupLogps, offsets_of
+from pairopt.pairs import GroupLogps
 from pairopt.training.files import atomic_write
 from pairopt.training.run_log import work_bar
 
@@ -92,8 +92,11 @@ def default_cache_dir() -> Path:
     return Path(root) / "reference" if root else Path.home() / ".cache" / "pairopt" / "reference"
 
 
-def cache_key(model_fp: str, data_fps: dict[str, str], dtype: str) -> str:
-    """What the cached numbers depend on: weights, data, dtype/autocast and the engine version.
+def cache_key(
+    model_fp: str, data_fps: dict[str, str], dtype: str, statistics: Iterable[str] = ()
+) -> str:
+    """What the cached numbers depend on: weights, data, dtype/autocast, the engine version, and
+    the per-token statistics kept beside the sums (LD-DPO's token log-probs).
 
     The engine options are left out on purpose: shared/unshared and packed/unpacked give the same
     numbers (that is what the engine is tested for), so one cache serves every layout.
@@ -104,6 +107,7 @@ def cache_key(model_fp: str, data_fps: dict[str, str], dtype: str) -> str:
         model_fp,
         dtype,
         *(f"{k}={v}" for k, v in sorted(data_fps.items())),
+        *(f"token:{name}" for name in sorted(statistics)),  # none: the key as it always was
     ]
     digest.update("|".join(parts).encode())
     return digest.hexdigest()
@@ -141,13 +145,17 @@ def read_cache(path: Path, splits: dict[str, Any]) -> dict[str, GroupLogps] | No
         saved = torch.load(path, map_location="cpu", weights_only=True)
         stored = {split: tuple(saved["tables"][split]) for split in splits}
         recorded = saved["sha256"]
+        names = list(saved.get("statistics", []))
     except Exception as err:  # cut or garbled: torch.load raises a dozen different types
         damaged_cache(path, f"it cannot be read: {type(err).__name__}: {err}")
         return None
     if recorded != tables_digest(stored):
         damaged_cache(path, "its numbers do not match the checksum written with them")
         return None
-    tables = {split: GroupLogps(*stored[split]) for split in splits}
+    tables = {}
+    for split in splits:
+        logps, tokens, offsets, *per_token = stored[split]
+        tables[split] = GroupLogps(logps, tokens, offsets, dict(zip(names, per_token, strict=True)))
     if all(tables[split].num_groups == len(ds) for split, ds in splits.items()):
         return tables
     logger.warning("pairopt: reference cache %s does not match the data; recomputing", path)
@@ -158,9 +166,13 @@ def write_cache(path: Path, tables: dict[str, GroupLogps]) -> None:
     """Write atomically (files.atomic_write: a crashed write never leaves a half file a later
     run would read); a failure (full disk, no permission) only warns: the run keeps the values
     in memory."""
-    stored = {split: (t.logps, t.tokens, t.offsets) for split, t in tables.items()}
+    names = sorted(next(iter(tables.values())).token_values) if tables else []
+    stored = {
+        split: (t.logps, t.tokens, t.offsets, *(t.token_values[name] for name in names))
+        for split, t in tables.items()
+    }
     buffer = io.BytesIO()
-    torch.save({"tables": stored, "sha256": tables_digest(stored)}, buffer)
+    torch.save({"tables": stored, "sha256": tables_digest(stored), "statistics": names}, buffer)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, buffer.getvalue())
@@ -234,26 +246,23 @@ def compute_tables(
     bar = work_bar(progress and accelerator.is_main_process, batches, "reference log-probs")
     with bar:
         for split, dataset in splits.items():
-            rows: list[tuple[int, list[float], list[int]]] = []
+            rows: list[tuple[int, GroupLogps]] = []
             for batch in _chunks(list(range(rank, len(dataset), world)), batch_size):
                 out = logps(rows_to_batch(dataset[batch])).to("cpu")
+                out = GroupLogps(
+                    out.logps.float(),
+                    out.tokens,
+                    out.offsets,
+                    {name: v.float() for name, v in out.token_values.items()},
+                )
                 bar.update(1)
-                bounds = out.offsets.tolist()
-                values, counts = out.logps.float().tolist(), out.tokens.tolist()
-                rows += [
-                    (index, values[bounds[g] : bounds[g + 1]], counts[bounds[g] : bounds[g + 1]])
-                    for g, index in enumerate(batch)
-                ]
+                rows += [(index, out.take([g])) for g, index in enumerate(batch)]
             if world > 1:
                 from accelerate.utils import gather_object
 
                 rows = gather_object(rows)
-            rows.sort()
-            tables[split] = GroupLogps(
-                torch.tensor([v for r in rows for v in r[1]], dtype=torch.float32),
-                torch.tensor([n for r in rows for n in r[2]], dtype=torch.long),
-                offsets_of([len(r[1]) for r in rows]),
-            )
+            rows.sort(key=lambda row: row[0])
+            tables[split] = GroupLogps.cat([group for _, group in rows])
     return tables
 
 

@@ -244,7 +244,8 @@ def build_models(
     progress: bool,
 ) -> tuple[nn.Module, Any, bool | None]:
     """The policy (dropout off, LoRA, checkpointing) and the reference the loss needs."""
-    engine_kwargs = cfg.engine.kwargs()
+    # the reference's forward gives the per-token values the loss asks of it (LD-DPO)
+    engine_kwargs = {**cfg.engine.kwargs(), "statistics": loss_fn.reference_token_statistics}
     policy = load_model(cfg.model, seed=cfg.optim.seed)
     say(f"dropout: {switch_off_dropout(policy)}")
 
@@ -303,7 +304,8 @@ def prepare(
     optimizer = build_optimizer(policy, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.optim, total_steps))
     _prepare_deepspeed_batch_size(accelerator, cfg.optim)
-    wrapped, optimizer = accelerator.prepare(PolicyLogps(policy, cfg.engine.kwargs()), optimizer)
+    policy_kwargs = {**cfg.engine.kwargs(), "statistics": loss_fn.token_statistics}
+    wrapped, optimizer = accelerator.prepare(PolicyLogps(policy, policy_kwargs), optimizer)
     accelerator.register_for_checkpointing(scheduler, loss_fn)
     return plan, total_steps, wrapped, optimizer, scheduler
 
