@@ -489,3 +489,19 @@ def test_dpo_with_reverse_kl_is_plain_dpo_over_20_steps(
     )
     assert [h["loss"] for h in divergence.history] == [h["loss"] for h in by_hand.history]
     assert len(divergence.history) == 20
+
+
+def test_tr_dpo_sync_mixes_parameters_by_hand() -> None:
+    """α = 0.25: reference <- 0.75·reference + 0.25·policy, every parameter; buffers untouched."""
+    from pairopt.training.reference import LiveReference
+
+    policy = torch.nn.Linear(2, 1)
+    reference = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        policy.weight.copy_(torch.tensor([[4.0, 8.0]]))
+        policy.bias.fill_(2.0)
+        reference.weight.copy_(torch.tensor([[0.0, 4.0]]))
+        reference.bias.fill_(-2.0)
+    LiveReference(reference, {}).sync(policy, 0.25)
+    torch.testing.assert_close(reference.weight, torch.tensor([[1.0, 5.0]]))  # 0.75·0 + 0.25·4, ...
+    torch.testing.assert_close(reference.bias, torch.tensor([-1.0]))  # 0.75·(−2) + 0.25·2

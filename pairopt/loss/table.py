@@ -176,6 +176,31 @@ Metrics every loss reports (TRL's names): `rewards/chosen`, `rewards/rejected`,
 Rewards are β·(S − S^ref) for losses with a reference model, and β times the log-prob the loss
 compares for reference-free ones (see each loss). Notation: S summed log-probs of a response,
 n its token count, A = S/n, c chosen, r rejected, σ the logistic sigmoid.
+
+## Options of the reference-based pair losses
+
+Three options, as in TRL's DPOConfig, are parameters of the losses that list them (defined once
+in `pairopt/loss/base.py`, applied before and after the loss's own formula):
+
+- **`f_divergence`, `f_alpha`** (f-DPO, Wang et al. 2023, https://arxiv.org/abs/2309.16240;
+  TRL's `f_divergence_type`, `f_alpha_divergence_coef`): the margin compares f'(π/π_ref) of
+  chosen and rejected instead of the log-ratios s: `reverse_kl` f(s) = s (the formulas as
+  written), `forward_kl` 1 − e^(−s), `js_divergence` log 2 + logσ(s), `alpha_divergence`
+  (e^((α−1)s) − 1)/(α−1) (TRL 1.16's form; the paper's α is 1 − this; α = 1 is reverse_kl).
+  Per-token losses (ipo, sigmoid_norm) divide each score by its count. The exponent is capped at
+  80. Rewards in the metrics stay β·s.
+- **`ld_alpha`** (LD-DPO, Liu et al. 2024, https://arxiv.org/abs/2409.06411; TRL's `ld_alpha`):
+  with l_p = min(n_c, n_r), a response's summed log-prob becomes
+  S_{≤l_p} + α·S_{>l_p} (only the longer response has tokens past l_p), for the policy and the
+  reference alike, before anything else; the metrics see the weighted sums too. The engine gives
+  the per-token log-probs this needs on the shared forward (they are cached with a precomputed
+  reference).
+- **`use_weighting`** (WPO, Zhou et al. 2024, https://arxiv.org/abs/2406.11827; TRL's
+  `use_weighting`): each pair's loss is multiplied by w_c·w_r with
+  w = exp(mean over the response's tokens of log p(y_t) − log Σ_v p_v²), detached, from the
+  policy's raw per-token values (as TRL 1.16: no clamp; WPO's own code clamps w_c·w_r at 1). The
+  engine computes log Σ_v p_v² in the LM head's chunks; the metric `wpo_weight` is its batch mean.
+  Refused by aot and aot_unpaired (their sort would misalign the weights), as in TRL.
 """
 
 
