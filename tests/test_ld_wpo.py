@@ -18,7 +18,8 @@ from pairopt.training.trainer import train
 
 
 def with_tokens(chosen, rejected, grad=False) -> PairLogps:
-    """One pair from per-token log-probs (and log squared masses, when given as pairs)."""
+    """One pair from per-token log-probs (and log squared masses, when given as pairs); with
+    `grad`, the chosen per-token log-probs are the leaf `.leaf` whose gradient a test reads."""
 
     def split(values):
         logps = [v[0] if isinstance(v, tuple) else v for v in values]
@@ -28,13 +29,15 @@ def with_tokens(chosen, rejected, grad=False) -> PairLogps:
     (c, c_sq), (r, r_sq) = split(chosen), split(rejected)
     width = max(c.shape[1], r.shape[1])
     pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
-    return PairLogps(
+    pair = PairLogps(
         c.sum(-1),
         r.sum(-1),
         torch.tensor([c.shape[1]]),
         torch.tensor([r.shape[1]]),
         {"logps": (pad(c), pad(r)), "log_sq_mass": (pad(c_sq), pad(r_sq))},
     )
+    pair.leaf = c  # type: ignore[attr-defined]
+    return pair
 
 
 def test_ld_dpo_by_hand() -> None:
@@ -59,8 +62,9 @@ def test_ld_dpo_by_hand() -> None:
 def test_wpo_by_hand() -> None:
     """Chosen (log p, log Σp²) = (−1, −0.5), (−2, −1.0): mean(log p − log Σp²) = −0.75;
     rejected (−1, −2): 1. w = e^(−0.75)·e^1 = e^0.25 = 1.284025, times DPO's loss on
-    Δ = (−3 − 0) − (−1 − 0) = −2: −logσ(−0.2) = 0.798139 → 1.024820. Weights carry no
-    gradient."""
+    Δ = (−3 − 0) − (−1 − 0) = −2: −logσ(−0.2) = 0.798139 → 1.024820. The weight carries no
+    gradient: each chosen token's is w·∂DPO/∂S_c = w·(−β·σ(−βΔ)) = 1.284025·(−0.1·σ(0.2)) =
+    1.284025·(−0.0549834) = −0.0706000 (a weight in the graph would add L·w/n_c to it)."""
     policy = with_tokens([(-1.0, -0.5), (-2.0, -1.0)], [(-1.0, -2.0)], grad=True)
     reference = with_tokens([0.0, 0.0], [0.0])
     loss = build_loss("dpo", use_weighting=True)
@@ -72,7 +76,8 @@ def test_wpo_by_hand() -> None:
     )
     torch.testing.assert_close(float(out.metrics["wpo_weight"]), math.exp(0.25))
     out.losses.sum().backward()
-    assert policy.token_values["logps"][0].grad is None  # the weight is detached
+    expected = math.exp(0.25) * -0.1 / (1 + math.exp(-0.2))  # w·(−β·σ(0.2))
+    torch.testing.assert_close(policy.leaf.grad, torch.full((1, 2), expected), rtol=1e-5, atol=1e-7)
 
 
 def test_aot_refuses_wpo_like_trl() -> None:
