@@ -189,21 +189,7 @@ class RankedRowTokenizer(RowTokenizer):
         return prompt, [r[:limit] for r in responses], prompt_cut, response_cut, False
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        n = len(indices)
-        out: dict[str, list] = {name: [[] for _ in range(n)] for name in RANKED_FEATURES}
-        out["_status"] = [""] * n
-        out["_prompt_truncated"] = [False] * n
-        out["_response_truncated"] = [False] * n
-        out["_resplit"] = [False] * n
-        good, texts = [], []
-        for i, index in enumerate(indices):
-            try:
-                texts.append(self.ranked_texts(batch, i))
-                good.append(i)
-            except BadRow as bad:
-                if self.cfg.on_bad_row == "error":
-                    raise self.fail(index, bad) from None
-                out["_status"][i] = f"skip:{bad.reason}"
+        out, good, texts = self.read_rows(batch, indices, self.ranked_texts, RANKED_FEATURES)
         if not good:
             return out
         tokenised = self.tokenize_group([t[0] for t in texts], [t[1] for t in texts])

@@ -18,6 +18,7 @@ the counts in the data report survive the `datasets` cache; `pairopt.data.load` 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -384,24 +385,35 @@ class RowTokenizer:
             "and count them in the data report."
         )
 
-    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+    def read_rows(
+        self,
+        batch: dict[str, list],
+        indices: list[int],
+        read: Callable[[dict[str, list], int], Any],
+        id_columns: Sequence[str],
+    ) -> tuple[dict[str, list], list[int], list[Any]]:
+        """(output columns, rows read, their texts): empty ids in `id_columns` and clear status
+        columns for every row, then `read(batch, i)` per row; a bad row fails the load
+        (on_bad_row: error) or is marked skipped."""
         n = len(indices)
-        out: dict[str, list] = {
-            name: [[] for _ in range(n)] for name in ("prompt_ids", "chosen_ids", "rejected_ids")
-        }
+        out: dict[str, list] = {name: [[] for _ in range(n)] for name in id_columns}
         out["_status"] = [""] * n
-        out["_prompt_truncated"] = [False] * n
-        out["_response_truncated"] = [False] * n
-        out["_resplit"] = [False] * n
+        for flag in ("_prompt_truncated", "_response_truncated", "_resplit"):
+            out[flag] = [False] * n
         good, texts = [], []
         for i, index in enumerate(indices):
             try:
-                texts.append(self.row_texts(batch, i))
+                texts.append(read(batch, i))
                 good.append(i)
             except BadRow as bad:
                 if self.cfg.on_bad_row == "error":
                     raise self.fail(index, bad) from None
                 out["_status"][i] = f"skip:{bad.reason}"
+        return out, good, texts
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        columns = ("prompt_ids", "chosen_ids", "rejected_ids")
+        out, good, texts = self.read_rows(batch, indices, self.row_texts, columns)
         if not good:
             return out
         prompts, chosens, rejecteds = (list(column) for column in zip(*texts, strict=True))
