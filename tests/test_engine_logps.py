@@ -65,3 +65,44 @@ def test_no_grad_path_skips_checkpointing():
     with torch.no_grad():
         got = token_logps(head, hidden, target, chunk_size=3)
     torch.testing.assert_close(got, naive(head, hidden, target))
+
+
+def test_the_head_is_one_module_call_whatever_the_chunks():
+    """head_values runs every chunk inside one call of the LM-head module (in_one_call): a hook
+    on the module (where ZeRO-3 gathers the weight) fires once for the forward and once for the
+    backward, with 37 rows in chunks of 8 (5 chunks), and the numbers are those of one call
+    per chunk. A forward set on the instance (as a test or a wrapper may) is put back."""
+    from pairopt.engine.logps import head_values, make_head, token_values
+
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.lm_head = nn.Linear(16, 53, bias=False)
+    model.get_output_embeddings = lambda: model.lm_head
+    model.config = None
+    hidden = torch.randn(37, 16, requires_grad=True)
+    target = torch.randint(0, 53, (37,))
+    calls = {"forward": 0, "backward": 0, "rows": 0}
+    model.lm_head.register_forward_pre_hook(lambda m, a: calls.update(forward=calls["forward"] + 1))
+    model.lm_head.register_full_backward_pre_hook(
+        lambda m, g: calls.update(backward=calls["backward"] + 1)
+    )
+    plain = model.lm_head.forward
+
+    def counted(x):  # an instance-level forward: sees each chunk's rows
+        calls["rows"] = max(calls["rows"], x.shape[0])
+        return plain(x)
+
+    model.lm_head.forward = counted
+    got = head_values(model, hidden, target, chunk_size=8)["logps"]
+    got.sum().backward()
+    assert calls == {"forward": 1, "backward": 1, "rows": 8}
+    assert model.lm_head.forward is counted
+    grad = hidden.grad.clone()
+    hidden.grad = None
+    want = token_values(make_head(model), hidden, target, chunk_size=8)["logps"]
+    want.sum().backward()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(grad, hidden.grad, rtol=0, atol=0)
+    del model.lm_head.forward
+    head_values(model, hidden, target, chunk_size=8)
+    assert "forward" not in model.lm_head.__dict__

@@ -493,6 +493,7 @@ def test_dpo_with_reverse_kl_is_plain_dpo_over_20_steps(
 
 def test_tr_dpo_sync_mixes_parameters_by_hand() -> None:
     """α = 0.25: reference <- 0.75·reference + 0.25·policy, every parameter; buffers untouched."""
+    from pairopt.training.policy import PolicyLogps
     from pairopt.training.reference import LiveReference
 
     policy = torch.nn.Linear(2, 1)
@@ -502,6 +503,6 @@ def test_tr_dpo_sync_mixes_parameters_by_hand() -> None:
         policy.bias.fill_(2.0)
         reference.weight.copy_(torch.tensor([[0.0, 4.0]]))
         reference.bias.fill_(-2.0)
-    LiveReference(reference, {}).sync(policy, 0.25)
+    LiveReference(PolicyLogps(reference, {})).sync(policy, 0.25)  # a copy as the trainer wraps it
     torch.testing.assert_close(reference.weight, torch.tensor([[1.0, 5.0]]))  # 0.75·0 + 0.25·4, ...
     torch.testing.assert_close(reference.bias, torch.tensor([-1.0]))  # 0.75·(−2) + 0.25·2

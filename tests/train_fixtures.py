@@ -66,3 +66,41 @@ def tiny_config(model_dir: Path, output: Path, **sections: Any) -> TrainConfig:
 
 def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def sharded_runs(
+    model_dir: Path, out: Path, grad_accum: int = 1, *, killed: bool = False, local: bool = False
+) -> dict[str, TrainConfig]:
+    """The trainer runs of tests/test_sharded.py, by name: 3 steps each (linear schedule with a
+    no warm-up: 1, 2/3, 1/3 of the rate), AdamW, clipping at 1.0), a checkpoint at step 2. Two processes run them with
+    grad_accum 1 (tests/sharded_worker.py), one process with 2. With `killed`, also "killed":
+    "copy" under another name of DPO, whose processes the worker kills in step 3 (the loss is
+    registered there). With `local`, the reference cache is each process's default directory
+    ($PAIROPT_CACHE/reference: the worker gives each its own, like node-local disks)."""
+    common: dict[str, Any] = {
+        "optim": {"max_steps": 3, "schedule": "linear", "grad_accum": grad_accum},
+        "checkpoint": {"every": 2, "keep_last": None},
+    }
+    precompute = {"strategy": "precompute", "cache_dir": None if local else str(out / "cache")}
+    lora = {"lora": {"r": 4, "alpha": 8}}
+    configs = {
+        "copy": tiny_config(model_dir, out / "copy", **common, reference={"strategy": "copy"}),
+        "precompute": tiny_config(model_dir, out / "precompute", **common, reference=precompute),
+        "precompute_hit": tiny_config(
+            model_dir,
+            out / "precompute_hit",
+            optim={"max_steps": 1, "grad_accum": grad_accum},
+            reference=precompute,
+        ),
+        "lora": merged(tiny_config(model_dir, out / "lora", **common, model=lora)),
+    }
+    if killed:
+        configs["killed"] = tiny_config(
+            model_dir, out / "killed", **common, loss={"name": "test_killed_at_step_3"}
+        )
+    return configs
+
+
+def merged(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with output.merge_lora on (tiny_config's `output` argument is the directory)."""
+    return cfg.model_copy(update={"output": cfg.output.model_copy(update={"merge_lora": True})})

@@ -22,7 +22,7 @@ from torch import nn
 from pairopt.engine.attention import model_inputs, resolve_backend, set_implementation
 from pairopt.engine.compat import check_dropout, check_shareable, unsupported_reason
 from pairopt.engine.layout import Layout, build_layout
-from pairopt.engine.logps import default_chunk_size, make_head, token_values, vocab_size
+from pairopt.engine.logps import default_chunk_size, head_values, vocab_size
 from pairopt.errors import PairoptError
 from pairopt.pairs import (
     GroupLogps,
@@ -67,7 +67,7 @@ def forward_layout_groups(
     if chunk_size is None:
         chunk_size = default_chunk_size(vocab_size(model))
     wanted = frozenset(statistics)
-    values = token_values(make_head(model), hidden_TD, layout.score_tgt, chunk_size, wanted)
+    values = head_values(model, hidden_TD, layout.score_tgt, chunk_size, wanted)
     logps_T = values["logps"]
     R = layout.num_responses
     sums_R = logps_T.new_zeros(R).index_add(0, layout.score_owner, logps_T)

@@ -8,7 +8,9 @@ Naive equivalent (and what the tests compare against):
 Here the head runs on `chunk_size` rows at a time and each chunk is wrapped in a non-reentrant
 activation checkpoint: the forward keeps only the (T,) result, the backward recomputes one
 chunk's (chunk, V) logits at a time. Peak memory is therefore O(chunk * V) instead of O(T * V),
-and gradients are exact (the same ops run again; no approximation).
+and gradients are exact (the same ops run again; no approximation). All chunks run inside one
+call of the LM-head module (`in_one_call`), so an engine that gathers sharded weights around
+module calls (DeepSpeed ZeRO-3) gathers the head once per forward and once per backward.
 """
 
 from __future__ import annotations
@@ -47,9 +49,11 @@ def vocab_size(model: nn.Module) -> int:
     return int(model.get_output_embeddings().weight.shape[0])  # type: ignore[operator]
 
 
-def make_head(model: nn.Module) -> Head:
-    """hidden (T, D) -> logits (T, V) exactly as the model's own forward computes them."""
-    lm_head = model.get_output_embeddings()  # type: ignore[operator]
+def make_head(model: nn.Module, linear: Head | None = None) -> Head:
+    """hidden (T, D) -> logits (T, V) exactly as the model's own forward computes them;
+    `linear` replaces the call of the output-embedding module (its forward without hooks,
+    inside `in_one_call`)."""
+    lm_head = linear or model.get_output_embeddings()  # type: ignore[operator]
     config: Any = model.config
     softcap = getattr(config, "final_logit_softcapping", None)  # Gemma2/3
     divide = getattr(config, "logits_scaling", None)  # Granite
@@ -135,6 +139,55 @@ def token_values(
     if sq_mass:
         values["log_sq_mass"] = torch.cat(squares) if squares else empty
     return values
+
+
+def head_values(
+    model: nn.Module,
+    hidden_TD: torch.Tensor,
+    target_T: torch.Tensor,
+    chunk_size: int,
+    statistics: frozenset[str] = frozenset(),
+) -> dict[str, torch.Tensor]:
+    """`token_values` with the model's LM head, all chunks inside one call of the head module
+    (`in_one_call`): the same numbers as one call per chunk."""
+    lm_head: nn.Module = model.get_output_embeddings()  # type: ignore[operator]
+    names = ["logps", *sorted(statistics)]
+
+    def body(forward: Head, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        values = token_values(make_head(model, forward), hidden, target_T, chunk_size, statistics)
+        return tuple(values[name] for name in names)  # module hooks expect tensors or a tuple
+
+    return dict(zip(names, in_one_call(lm_head, hidden_TD, body), strict=True))
+
+
+def in_one_call(
+    module: nn.Module, hidden: torch.Tensor, body: Callable[[Head, torch.Tensor], Any]
+) -> Any:
+    """`body(forward, hidden)` run as one call of `module` on `hidden`, where `forward` is the
+    module's own forward without the module's hooks (body calls it once per chunk).
+
+    Why: parameter-sharding engines gather a module's weights in hooks around each of its
+    calls (DeepSpeed ZeRO-3 hooks every submodule). Called once per chunk, the LM head would be
+    gathered once per chunk, three times over (forward, checkpoint recompute, backward), and
+    processes with different numbers of scored tokens would issue different numbers of
+    collectives: a crash or a hang. In one call it is gathered once for the forward and once
+    for the backward (the hooks on the call's input and output), on every process alike.
+    `body` must compute from the `hidden` it is given: the hooks may hand the module a tensor
+    that carries their backward hook."""
+    own = module.forward
+    shadowed = module.__dict__.get("forward")  # an instance attribute to put back
+
+    def one_call(x: torch.Tensor) -> Any:
+        return body(own, x)
+
+    module.forward = one_call
+    try:
+        return module(hidden)
+    finally:
+        if shadowed is None:
+            del module.forward
+        else:
+            module.forward = shadowed
 
 
 def token_logps(

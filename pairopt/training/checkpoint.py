@@ -36,6 +36,7 @@ from pairopt.training.files import (
 )
 from pairopt.training.preemption import resume_command
 from pairopt.training.run_log import any_process
+from pairopt.training.sharding import full_numel, partitions_parameters, unwrap
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"step-(\d+)(\.old)?")
@@ -143,7 +144,8 @@ def _state_digest(state: dict[str, Any]) -> str:
 
 def checkpoint_bytes(model: nn.Module, optimizer: Any) -> int:
     """What a checkpoint of this process's model and optimiser state takes on disk, about."""
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    inner = unwrap(model)  # the elements of whole parameters (ZeRO-3 leaves (0,) placeholders)
+    weights = sum(full_numel(t) * t.element_size() for t in [*inner.parameters(), *inner.buffers()])
     state = getattr(optimizer, "state", {})
     moments = sum(
         value.numel() * value.element_size()
@@ -370,20 +372,27 @@ def save_final(
     output: Path,
     *,
     lora: bool,
+    rebuild: Callable[[], nn.Module] | None = None,
 ) -> nn.Module:
     """save_pretrained the policy (with `lora`: the adapter, and merged on request) and the
-    tokenizer into the output dir.
+    tokenizer into the output dir; returns the model (merged, with LoRA and merge_lora).
+
+    The weights come from the full state dict accelerate gathers on the main process (a
+    collective: under FSDP2 and ZeRO-3 each process holds only shards, and the model's own
+    tensors are DTensor shards or (0,) placeholders that save_pretrained would write as they
+    are). The adapter is the LoRA part of that dict; a merged model under sharding is made on
+    the main process from `rebuild()` (an unsharded policy of the same architecture and
+    LoRA layers) with the gathered weights loaded into it.
 
     Saved into `output/.final-model.tmp` and moved into `output` with config.json (or, for an
     adapter alone, adapter/) last: check_output_dir takes those as the sign of a finished run,
     so a save that fails (a full disk) never leaves a directory that looks finished.
     """
     accelerator.wait_for_everyone()
-    module = accelerator.unwrap_model(wrapped)
-    model = module.model
+    model: Any = unwrap(wrapped).model
     if not cfg.save_final:
         return model
-    state = accelerator.get_state_dict(wrapped)
+    state = accelerator.get_state_dict(wrapped)  # gathered: whole on the main process
     tmp = output / ".final-model.tmp"
     need = sum(t.numel() * t.element_size() for t in state.values()) if state else 0
     intact = _unsaved_note(output)
@@ -392,11 +401,14 @@ def save_final(
     def write() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         check_free_space(output, need, "the final model", intact=intact)
-        weights = {key.removeprefix("model."): value for key, value in state.items()}
+        full = {key.removeprefix("model."): value for key, value in state.items()}
+        tied = _tied_names(model)
+        weights = {key: value for key, value in full.items() if key not in tied}
         if lora:
-            model.save_pretrained(tmp / "adapter")
+            model.save_pretrained(tmp / "adapter", state_dict=weights)  # PEFT keeps the LoRA keys
             if cfg.merge_lora:
-                saved[0] = model.merge_and_unload()
+                whole = rebuild if partitions_parameters(accelerator) else None
+                saved[0] = _merged(model, full, whole)
                 saved[0].save_pretrained(tmp)
         else:
             model.save_pretrained(tmp, state_dict=weights)
@@ -405,6 +417,30 @@ def save_final(
 
     _on_main_together(accelerator, write, tmp, need, intact)
     return saved[0]
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Names of parameters that are another parameter (tied embeddings), which save_pretrained
+    leaves out: gathered full state dicts (FSDP2) hold them as separate copies."""
+    first: dict[int, str] = {}
+    tied = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied.add(name)
+        first.setdefault(id(param), name)
+    return tied
+
+
+def _merged(
+    model: Any, weights: dict[str, Any], rebuild: Callable[[], nn.Module] | None
+) -> nn.Module:
+    """The LoRA policy merged into its base model (PEFT's merge_and_unload). The policy itself
+    when it is whole; under sharding a whole copy from `rebuild()` with the gathered weights."""
+    if rebuild is None:
+        return model.merge_and_unload()
+    whole: Any = rebuild()
+    whole.load_state_dict(weights)
+    return whole.merge_and_unload()
 
 
 def _unsaved_note(output: Path) -> str:

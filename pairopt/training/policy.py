@@ -3,13 +3,18 @@
 `PolicyLogps` is the policy as one module whose forward *is* `compute_logps`. DDP, FSDP and
 DeepSpeed wrap that module, so they see the forward they need for gradient sync and sharding;
 the engine itself calls the backbone and the LM head separately, which a wrapped model would
-not see.
+not see. Every model call of a run goes through such a forward: the policy's, the LoRA
+reference's (`base=True`: the same module with the adapter disabled) and a frozen reference
+copy's (a PolicyLogps of its own, sharded like the policy: pairopt.training.sharding). FSDP2
+gathers the root group (embeddings, final norm, LM head) only in the root's forward; the engine
+called on the inner model outside it fails ("mixed torch.Tensor and DTensor").
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from torch import nn
@@ -39,7 +44,11 @@ class Groups:
 
 class PolicyLogps(nn.Module):
     """The policy as one module whose forward is `compute_logps` (see the module docstring):
-    `Pairs` -> PairLogps (N,), `Groups` -> GroupLogps (R,), every response once."""
+    `Pairs` -> PairLogps (N,), `Groups` -> GroupLogps (R,), every response once.
+
+    `base=True` runs the PEFT model with its LoRA adapter disabled: the base model, which is
+    the reference of strategy `adapter`, computed inside this forward like the policy.
+    `statistics` replaces the engine's per-token statistics for this call (a reference's)."""
 
     def __init__(self, model: nn.Module, engine_kwargs: dict[str, Any]) -> None:
         super().__init__()
@@ -47,11 +56,24 @@ class PolicyLogps(nn.Module):
         self.engine_kwargs = engine_kwargs
         # FSDP's auto-wrap policy reads the transformer block classes from here.
         self._no_split_modules = getattr(hf_model(model), "_no_split_modules", None)
+        # accelerate fills DeepSpeed's "auto" bucket sizes from config.hidden_size.
+        self.config = getattr(hf_model(model), "config", None)
 
-    def forward(self, batch: Pairs | Groups) -> PairLogps | GroupLogps:
-        if isinstance(batch, Groups):
-            return compute_group_logps(hf_model(self.model), batch.groups, **self.engine_kwargs)
-        return compute_logps(hf_model(self.model), batch.pairs, **self.engine_kwargs)
+    def forward(
+        self,
+        batch: Pairs | Groups,
+        *,
+        base: bool = False,
+        statistics: Iterable[str] | None = None,
+    ) -> PairLogps | GroupLogps:
+        kwargs = self.engine_kwargs
+        if statistics is not None:  # the per-token values asked of this call (a reference's)
+            kwargs = {**kwargs, "statistics": statistics}
+        peft: Any = self.model  # a PeftModel when base is asked for (strategy adapter)
+        with peft.disable_adapter() if base else contextlib.nullcontext():
+            if isinstance(batch, Groups):
+                return compute_group_logps(hf_model(self.model), batch.groups, **kwargs)
+            return compute_logps(hf_model(self.model), batch.pairs, **kwargs)
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:

@@ -4,21 +4,28 @@ Three strategies, all giving the same numbers (the reference is frozen and dropo
 
 - `copy`: a frozen copy of the policy's initial weights (or `reference.name_or_path`), run
   through the same prefix-shared forward under `no_grad` at every step. Costs one extra
-  forward per step and the memory of a second model.
+  forward per step and the memory of a second model (sharded like the policy under FSDP2 and
+  ZeRO-3: pairopt.training.sharding.shard_frozen).
 - `precompute`: one pass over the train and eval splits before training, cached on disk under a
   key made of the model's and the dataset's fingerprints; a second run with the same model and
-  data reads the cache and never loads the reference model. Costs one pass, once.
+  data reads the cache and never runs the reference model but to spot-check it. The pass runs
+  through the policy's own wrapped module before the first step (its weights are the initial
+  ones then), so it is sharded like the policy and holds no second model.
 - `adapter`: with a PEFT LoRA policy, the base model *is* the reference: the same forward with
   the adapter disabled. No second model in memory.
 
-The trainer picks one by the loss instance's `requires_reference` flag (never by its name) and
-uses none for reference-free losses.
+Every strategy calls a wrapped `PolicyLogps`'s forward, never the engine on a bare model: that
+forward is where FSDP2 gathers the root's parameters (pairopt.training.policy). The reference is
+chosen before LoRA and sharding (`plan_reference`: the copy is taken from the initial weights)
+and made after `accelerate.prepare` (`make_reference`). The trainer picks one by the loss
+instance's `requires_reference` flag (never by its name) and uses none for reference-free losses.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,12 +35,12 @@ from torch import nn
 
 from pairopt.data.batch import GroupBatch
 from pairopt.engine.compat import disable_dropout
-from pairopt.engine.forward import compute_group_logps
 from pairopt.errors import PairoptError
 from pairopt.pairs import GroupLogps
 from pairopt.training.config import ModelConfig, ReferenceConfig
-from pairopt.training.policy import load_model
+from pairopt.training.policy import Groups, PolicyLogps, load_model
 from pairopt.training.reference_cache import (
+    LogpsFn,
     cache_key,
     cache_mismatch,
     cache_path,
@@ -46,6 +53,7 @@ from pairopt.training.reference_cache import (
     write_cache,
 )
 from pairopt.training.run_log import any_process
+from pairopt.training.sharding import shard_frozen, unwrap
 
 
 class Reference(Protocol):
@@ -56,53 +64,41 @@ class Reference(Protocol):
 
 
 class LiveReference:
-    """A frozen model run through the shared forward under no_grad (strategy `copy`)."""
+    """A wrapped PolicyLogps run under no_grad: a frozen copy (strategy `copy`), or with `base`
+    the policy's own module with its LoRA adapter disabled (strategy `adapter`)."""
 
     def __init__(
         self,
-        model: nn.Module,
-        engine_kwargs: dict[str, Any],
+        module: nn.Module,
         autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+        *,
+        base: bool = False,
+        statistics: Iterable[str] = (),
     ) -> None:
-        self.model = model  # frozen by the caller (or the policy itself, before training)
-        self.engine_kwargs = engine_kwargs
+        self.module = module  # frozen by the caller, or the policy itself (base; before step 1)
         self.autocast = autocast
+        self.base = base
+        self.statistics = tuple(statistics)  # the per-token values the loss asks of the reference
+
+    @property
+    def model(self) -> nn.Module:
+        """The transformers (or PEFT) model inside the wrapped module."""
+        return unwrap(self.module).model  # type: ignore[return-value]
 
     def logps(self, batch: GroupBatch, indices: Sequence[int], split: str) -> GroupLogps:
         with torch.no_grad(), self.autocast():
-            return compute_group_logps(self.model, batch.groups, **self.engine_kwargs)
+            if self.base:
+                return self.module(Groups(batch.groups), base=True, statistics=self.statistics)
+            return self.module(Groups(batch.groups), statistics=self.statistics)
 
     @torch.no_grad()
     def sync(self, policy: nn.Module, alpha: float) -> None:
         """TR-DPO: reference <- (1 − α)·reference + α·policy, parameter by parameter (buffers
         stay), in place. Gorbatovski et al. 2024, https://arxiv.org/abs/2404.09656"""
-        reference = dict(_unwrapped(self.model).named_parameters())
+        reference = dict(self.model.named_parameters())
         for name, param in policy.named_parameters():
             target = reference[name]
             target.mul_(1 - alpha).add_(param.detach().to(target.device, target.dtype), alpha=alpha)
-
-
-class AdapterReference:
-    """A PEFT policy with its adapter disabled (strategy `adapter`).
-
-    `peft_model` is the PeftModel (it owns `disable_adapter`); the forward runs on its base
-    transformers model, where the LoRA layers live and honour the disabled flag.
-    """
-
-    def __init__(
-        self,
-        peft_model: Any,
-        engine_kwargs: dict[str, Any],
-        autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
-    ) -> None:
-        self.peft_model = peft_model
-        self.engine_kwargs = engine_kwargs
-        self.autocast = autocast
-
-    def logps(self, batch: GroupBatch, indices: Sequence[int], split: str) -> GroupLogps:
-        with torch.no_grad(), self.autocast(), self.peft_model.disable_adapter():
-            base = self.peft_model.get_base_model()
-            return compute_group_logps(base, batch.groups, **self.engine_kwargs)
 
 
 class PrecomputedReference:
@@ -122,20 +118,19 @@ class PrecomputedReference:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fingerprints and the cache
+# Choosing (before LoRA and sharding) and making (after accelerate.prepare) the reference
 # ---------------------------------------------------------------------------------------------
 
 
-# ---------------------------------------------------------------------------------------------
-# Choosing and placing the reference (called by the trainer)
-# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ReferencePlan:
+    """The reference as chosen before LoRA and sharding; `make_reference` makes it after."""
 
-
-class LazyAdapter:
-    """The adapter strategy needs the PEFT model, which exists only after LoRA is applied."""
-
-    def bind(self, policy: nn.Module, engine_kwargs: dict[str, Any], autocast: Any) -> Any:
-        return AdapterReference(policy, engine_kwargs, autocast)
+    strategy: str  # "none", "copy", "precompute" or "adapter"
+    note: str  # a line for the console
+    model: nn.Module | None = None  # copy, or precompute of reference.name_or_path: whole, frozen
+    fingerprint: str = ""  # precompute: reference_cache.model_fingerprint of its weights
+    half: bool = False  # precompute: computed in half precision (the cache check's tolerance)
 
 
 def resolve_strategy(cfg: ReferenceConfig, lora: bool) -> str:
@@ -145,26 +140,25 @@ def resolve_strategy(cfg: ReferenceConfig, lora: bool) -> str:
     return "adapter" if lora else "copy"
 
 
-def setup_reference(
+def plan_reference(
     cfg: ReferenceConfig,
     model_cfg: ModelConfig,
     loss_fn: Any,
     policy: nn.Module,
     accelerator: Any,
-    engine_kwargs: dict[str, Any],
-    precompute: Callable[[nn.Module], PrecomputedReference],
     *,
+    precision: str,
     seed: int,
-) -> tuple[Any, str, bool | None]:
-    """(reference or None, a line for the console, cache hit or None). Reads the loss's flag.
-
-    `precompute(model)` runs the precompute strategy with `model` as the reference.
-    """
+) -> ReferencePlan:
+    """The strategy by the loss's flag, and what must be taken from the policy before LoRA is
+    applied and the policy is sharded: the frozen copy, or the fingerprint of the weights the
+    precomputed log-probs belong to (the main process's, given to all: `precision` is
+    optim.precision, part of the cache key)."""
     if not loss_fn.requires_reference:
-        return None, f"none (loss {loss_fn.name!r} is reference-free)", None
+        return ReferencePlan("none", f"none (loss {loss_fn.name!r} is reference-free)")
     strategy = resolve_strategy(cfg, model_cfg.lora is not None)
     if strategy == "adapter":
-        return LazyAdapter(), "the policy with its LoRA adapter disabled", None
+        return ReferencePlan(strategy, "the policy with its LoRA adapter disabled")
 
     def reference_model() -> nn.Module:
         if cfg.name_or_path is not None:
@@ -178,75 +172,116 @@ def setup_reference(
         model = reference_model()
         if cfg.sync_steps is not None:
             check_syncable(model, policy)
-        model = place_reference(model, accelerator)
         source = cfg.name_or_path or "the policy's initial weights"
-        return (
-            LiveReference(model, engine_kwargs, accelerator.autocast),
-            f"frozen copy of {source}, run live",
-            None,
-        )
-    # precompute: the policy's own initial weights serve when no other reference is named, so
-    # a cache hit loads nothing
-    table = precompute(reference_model() if cfg.name_or_path is not None else policy)
+        return ReferencePlan(strategy, f"frozen copy of {source}, run live", model)
+    # precompute: the policy's own initial weights serve when no other reference is named
+    other = reference_model() if cfg.name_or_path is not None else None
+    weights = other if other is not None else policy
+    half = precision != "no" or next(weights.parameters()).dtype != torch.float32
+    fingerprint = _on_main(accelerator, lambda: model_fingerprint(weights))
+    return ReferencePlan(strategy, "precomputed log-probs", other, fingerprint, half)
+
+
+def make_reference(
+    plan: ReferencePlan,
+    wrapped: nn.Module,
+    accelerator: Any,
+    engine_kwargs: dict[str, Any],
+    precompute: Callable[[LogpsFn, ReferencePlan], PrecomputedReference],
+    *,
+    lora: bool,
+) -> tuple[Any, str, bool | None]:
+    """(reference or None, a line for the console, cache hit or None), after the policy's
+    `accelerate.prepare` and before its first step. `wrapped` is the prepared policy;
+    `engine_kwargs` the reference's (its `statistics`: what the loss asks of the reference);
+    `precompute(logps, plan)` runs the precompute strategy with `logps` as the reference."""
+    if plan.strategy == "none":
+        return None, plan.note, None
+    autocast, statistics = accelerator.autocast, engine_kwargs.get("statistics", ())
+    if plan.strategy == "adapter":
+        return LiveReference(wrapped, autocast, base=True, statistics=statistics), plan.note, None
+    if plan.model is not None:
+        module = shard_frozen(PolicyLogps(plan.model, engine_kwargs), accelerator)
+        live = LiveReference(module, autocast, statistics=statistics)
+    else:  # the policy before its first step (with LoRA: its base model)
+        live = LiveReference(wrapped, autocast, base=lora, statistics=statistics)
+    if plan.strategy == "copy":
+        return live, plan.note, None
+    table = precompute(lambda batch: live.logps(batch, [], ""), plan)
     verb = "read from cache" if table.hit else "computed and cached"
-    return table, f"precomputed log-probs, {verb} ({table.path})", table.hit
+    return table, f"{plan.note}, {verb} ({table.path})", table.hit
+
+
+def _on_main(accelerator: Any, compute: Callable[[], str]) -> str:
+    """`compute()` on the main process, its answer given to every process."""
+    answer = [compute() if accelerator.is_main_process else ""]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(answer)
+    return answer[0]
 
 
 def precompute_reference(
-    model: nn.Module,
+    logps: LogpsFn,
+    fingerprint: str,
     splits: dict[str, Any],
     *,
     rows_to_batch: Callable[[dict[str, list[Any]]], GroupBatch],
-    engine_kwargs: dict[str, Any],
     cache_dir: str | None,
     dtype: str,
+    half: bool,
     batch_size: int,
     accelerator: Any,
+    statistics: Iterable[str] = (),
     progress: bool = False,
 ) -> PrecomputedReference:
     """Reference log-probs of every response of every split, from the cache or computed and
-    cached (on a hit `model` only recomputes a few groups to check the file:
-    reference_cache.cache_mismatch). The main process writes the file; every process takes the
-    same branch."""
+    cached; `logps(batch)` computes them, with the per-token `statistics` the loss asks of the
+    reference (part of the cache key), and is a collective under FSDP and ZeRO-3, so every
+    process runs it equally often. The main process decides: it reads the cache and gives its tables
+    (or none) to every process, so all take the same branch even when the cache directory is
+    local to each machine; on a hit, every process recomputes the same few groups to check the
+    file (reference_cache.cache_mismatch). The main process writes the file."""
     active = {name: ds for name, ds in splits.items() if ds is not None}
     key = cache_key(
-        model_fingerprint(model),
-        {n: dataset_fingerprint(ds) for n, ds in active.items()},
-        dtype,
-        engine_kwargs.get("statistics", ()),
+        fingerprint, {n: dataset_fingerprint(ds) for n, ds in active.items()}, dtype, statistics
     )
     path = cache_path(Path(cache_dir).expanduser() if cache_dir else default_cache_dir(), key)
-    original_device = next(model.parameters()).device
-    live = LiveReference(model.to(accelerator.device), engine_kwargs, accelerator.autocast)
-    tables = read_cache(path, active)
-    if not any_process(accelerator, tables is None) and tables is not None:
-        half = not dtype.endswith("/no") or next(model.parameters()).dtype != torch.float32
-        mismatch = cache_mismatch(
-            tables,
-            lambda batch: live.logps(batch, [], ""),
-            active,
-            rows_to_batch=rows_to_batch,
-            half=half,
-        )
+    tables = _read_on_main(accelerator, path, active)
+    if tables is not None:
+        mismatch = cache_mismatch(tables, logps, active, rows_to_batch=rows_to_batch, half=half)
         if not any_process(accelerator, mismatch is not None):
-            model.to(original_device)
             return PrecomputedReference(tables, path, hit=True)
-        damaged_cache(
-            path, f"its numbers are not the reference model's: {mismatch or 'see another process'}"
-        )
+        if accelerator.is_main_process:
+            damaged_cache(
+                path,
+                f"its numbers are not the reference model's: {mismatch or 'see another process'}",
+            )
     tables = compute_tables(
-        lambda batch: live.logps(batch, [], ""),
+        logps,
         active,
         rows_to_batch=rows_to_batch,
         batch_size=batch_size,
         accelerator=accelerator,
         progress=progress,
     )
-    model.to(original_device)
     if accelerator.is_main_process:
         write_cache(path, tables)
     accelerator.wait_for_everyone()
     return PrecomputedReference(tables, path, hit=False)
+
+
+def _read_on_main(
+    accelerator: Any, path: Path, splits: dict[str, Any]
+) -> dict[str, GroupLogps] | None:
+    """read_cache on the main process (its warnings too), the tables given to every process."""
+    tables = [read_cache(path, splits) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(tables)
+    return tables[0]
 
 
 def check_syncable(reference: nn.Module, policy: nn.Module) -> None:
@@ -260,31 +295,3 @@ def check_syncable(reference: nn.Module, policy: nn.Module) -> None:
             f"but reference.name_or_path has other parameters ({', '.join(differ[:3])} ...): use "
             "a reference of the policy's architecture, or drop reference.sync_steps."
         )
-
-
-def _unwrapped(model: nn.Module) -> nn.Module:
-    """The model inside a DDP / DeepSpeed wrapper (their `module`), or the model itself."""
-    inner = getattr(model, "module", None)
-    return inner if isinstance(inner, nn.Module) else model
-
-
-def place_reference(model: nn.Module, accelerator: Any) -> nn.Module:
-    """Place the frozen reference: sharded by DeepSpeed ZeRO-3, else whole on each device."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        import deepspeed
-
-        plugin = accelerator.state.deepspeed_plugin
-        config = copy.deepcopy(plugin.deepspeed_config)
-        if config.get("zero_optimization", {}).get("stage") != 3:
-            config["zero_optimization"] = {"stage": 0}  # ZeRO-1/2 shard optimiser state only
-        config.pop("optimizer", None)
-        config.pop("scheduler", None)
-        for key, value in list(config.items()):
-            if value == "auto":
-                config.pop(key)
-        engine, *_ = deepspeed.initialize(model=model, config=config)
-        engine.eval()
-        return engine
-    return accelerator.prepare_model(model, evaluation_mode=True)

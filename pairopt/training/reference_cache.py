@@ -237,18 +237,20 @@ def compute_tables(
 ) -> dict[str, GroupLogps]:
     """Reference log-probs of every response of every group of every split, in row order. With
     several processes each computes a strided share of the groups and every process gets all
-    of them. `batch_size` counts groups."""
+    of them; every process runs the same number of batches (a short share repeats row 0 and
+    drops it), as FSDP and ZeRO-3 need: their forward is a collective. `batch_size` counts
+    groups."""
     rank, world = accelerator.process_index, accelerator.num_processes
     tables = {}
-    batches = sum(
-        math.ceil(len(range(rank, len(ds), world)) / batch_size) for ds in splits.values()
-    )
+    batches = sum(math.ceil(math.ceil(len(ds) / world) / batch_size) for ds in splits.values())
     bar = work_bar(progress and accelerator.is_main_process, batches, "reference log-probs")
     with bar:
         for split, dataset in splits.items():
+            mine = list(range(rank, len(dataset), world))
+            mine += [-1] * (math.ceil(len(dataset) / world) - len(mine))  # -1: padding
             rows: list[tuple[int, GroupLogps]] = []
-            for batch in _chunks(list(range(rank, len(dataset), world)), batch_size):
-                out = logps(rows_to_batch(dataset[batch])).to("cpu")
+            for batch in _chunks(mine, batch_size):
+                out = logps(rows_to_batch(dataset[[max(i, 0) for i in batch]])).to("cpu")
                 out = GroupLogps(
                     out.logps.float(),
                     out.tokens,
@@ -256,7 +258,7 @@ def compute_tables(
                     {name: v.float() for name, v in out.token_values.items()},
                 )
                 bar.update(1)
-                rows += [(index, out.take([g])) for g, index in enumerate(batch)]
+                rows += [(index, out.take([g])) for g, index in enumerate(batch) if index >= 0]
             if world > 1:
                 from accelerate.utils import gather_object
 

@@ -75,6 +75,21 @@ def any_process(accelerator: Any, flag: bool) -> bool:
     return bool(accelerator.reduce(mark, "sum").item() > 0)
 
 
+def fail_together(accelerator: Any, error: Exception | None) -> None:
+    """Raise one PairoptError on every process when `error` is set on any (a collective: every
+    process calls it once, with its own error or None), with the message of the first process
+    that has one; return when none has. A process that raised alone would leave the others
+    waiting in the next collective for ever."""
+    if not any_process(accelerator, error is not None):
+        return
+    messages = [str(error) if error is not None else None]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        messages = gather_object(messages)
+    raise PairoptError(next(m for m in messages if m is not None))
+
+
 class Printer:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -252,16 +267,27 @@ def print_summary(
 
 @contextmanager
 def quiet_libraries(quiet: bool) -> Iterator[None]:
-    """With `quiet`, the progress bars of `datasets` (tokenising) are off for the run."""
+    """With `quiet`, the progress bars of `datasets` (tokenising) are off for the run, and
+    DeepSpeed's log, which goes to stdout, passes errors only (transformers' save_pretrained
+    imports deepspeed whenever it is installed, and its import logs a warning on a CPU)."""
     if not quiet:
         yield
         return
+    import logging
+
     from datasets.utils import logging as datasets_logging
 
     was_enabled = datasets_logging.is_progress_bar_enabled()
     datasets_logging.disable_progress_bar()
+    deepspeed_log = logging.getLogger("DeepSpeed")  # its name in deepspeed/utils/logging.py
+
+    def errors_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+    deepspeed_log.addFilter(errors_only)
     try:
         yield
     finally:
+        deepspeed_log.removeFilter(errors_only)
         if was_enabled:
             datasets_logging.enable_progress_bar()

@@ -1,9 +1,11 @@
 """Everything a training run builds before its first step: `setup(cfg) -> Run`.
 
 accelerator and output directory -> tokenizer, data (checked, grouped) -> loss -> policy
-(dropout off) -> reference (by the loss's declared need) -> LoRA, checkpointing -> optimiser,
-schedule, batch plan -> accelerate.prepare -> [resume]. `Run` holds what the steps need
-(pairopt.training.steps). This and the trainer are the modules that read across config sections.
+(dropout off) -> reference chosen by the loss's declared need (a frozen copy taken now) -> LoRA,
+checkpointing -> optimiser, schedule, batch plan -> accelerate.prepare -> reference made, placed
+like the policy (the precompute pass runs here, through the prepared policy) -> [resume]. `Run`
+holds what the steps need (pairopt.training.steps). This and the trainer are the modules that
+read across config sections.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pairopt.training.checkpoint import (
     find_checkpoint_once,
     output_dir,
 )
-from pairopt.training.config import OptimConfig, TrainConfig
+from pairopt.training.config import TrainConfig
 from pairopt.training.evaluation import Evaluator
 from pairopt.training.loss_inputs import check_loss_fits_data
 from pairopt.training.policy import (
@@ -46,7 +48,12 @@ from pairopt.training.policy import (
 from pairopt.training.preemption import (
     StopRequest,
 )
-from pairopt.training.reference import LazyAdapter, precompute_reference, setup_reference
+from pairopt.training.reference import (
+    ReferencePlan,
+    make_reference,
+    plan_reference,
+    precompute_reference,
+)
 from pairopt.training.reference_cache import dataset_fingerprint
 from pairopt.training.run_directory import RunDirectory
 from pairopt.training.run_log import (
@@ -60,6 +67,13 @@ from pairopt.training.schedule import (
     group_lengths,
     group_pair_counts,
     lr_multiplier,
+)
+from pairopt.training.sharding import (
+    built_whole,
+    check_sharding,
+    configure_deepspeed,
+    full_numel,
+    sharding_of,
 )
 
 
@@ -119,6 +133,8 @@ def setup(
     (resources or contextlib.ExitStack()).enter_context(directory)
     say("pairopt train: resolved config")
     say(_indent(cfg.to_yaml()))
+    if sharding_of(accelerator) is not None:
+        say(f"sharding: {sharding_of(accelerator)} over {accelerator.num_processes} processes")
     if cfg.optim.cpu_threads is not None and accelerator.device.type == "cpu":
         torch.set_num_threads(cfg.optim.cpu_threads)
     from accelerate.utils import set_seed
@@ -140,10 +156,15 @@ def setup(
     train_fp = dataset_fingerprint(data.train)
     resume_state = check_resumable(resume_from, train_fp, cfg.flat()) if resume_from else None
     loss_fn = build_loss(cfg.loss.name, **cfg.loss.params).to(accelerator.device)
-    policy, reference, ref_cache_hit = build_models(cfg, loss_fn, accelerator, data, say, progress)
+    with built_whole(accelerator):
+        policy, reference_plan = build_models(cfg, loss_fn, accelerator, say)
     plan, total_steps, wrapped, optimizer, scheduler = prepare(
         cfg, accelerator, policy, loss_fn, data
     )
+    reference, note, ref_cache_hit = build_reference(
+        cfg, loss_fn, reference_plan, accelerator, wrapped, data, progress
+    )
+    say(f"reference: {note}")
     if cfg.reference.sync_steps is not None and reference is not None:
         # a synced reference is part of the run's state: resuming must not restart it
         accelerator.register_for_checkpointing(reference.model)
@@ -191,10 +212,10 @@ def setup(
 def _bytes_to_save(cfg: TrainConfig, policy: nn.Module) -> int:
     """About what the next write of the model needs on disk: the final model, and a checkpoint
     (weights + AdamW's two float32 moments per trainable parameter) when checkpoints are on."""
-    weights = sum(p.numel() * p.element_size() for p in policy.parameters())
+    weights = sum(full_numel(p) * p.element_size() for p in policy.parameters())
     need = weights if cfg.output.save_final else 0
     if cfg.checkpoint.every or cfg.checkpoint.every_epoch:
-        trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+        trainable = sum(full_numel(p) for p in policy.parameters() if p.requires_grad)
         need += weights + (8 * trainable if cfg.optim.optimizer == "adamw" else 0)
     return need
 
@@ -232,60 +253,74 @@ def make_accelerator(cfg: TrainConfig) -> tuple[Any, TrainConfig]:
             f"{cfg.optim.grad_accum}: make them equal (--optim.grad_accum "
             f"{accelerator.gradient_accumulation_steps})."
         )
+    check_sharding(
+        accelerator, optimizer=cfg.optim.optimizer, tr_dpo=cfg.reference.sync_steps is not None
+    )
     return accelerator, cfg
 
 
 def build_models(
-    cfg: TrainConfig,
-    loss_fn: Loss,
-    accelerator: Any,
-    data: PreferenceData,
-    say: Printer,
-    progress: bool,
-) -> tuple[nn.Module, Any, bool | None]:
-    """The policy (dropout off, LoRA, checkpointing) and the reference the loss needs."""
-    # the reference's forward gives the per-token values the loss asks of it (LD-DPO)
-    engine_kwargs = {**cfg.engine.kwargs(), "statistics": loss_fn.reference_token_statistics}
+    cfg: TrainConfig, loss_fn: Loss, accelerator: Any, say: Printer
+) -> tuple[nn.Module, ReferencePlan]:
+    """The policy (dropout off, LoRA, checkpointing), and the reference the loss needs as far
+    as it is made before LoRA and sharding (reference.plan_reference)."""
     policy = load_model(cfg.model, seed=cfg.optim.seed)
     say(f"dropout: {switch_off_dropout(policy)}")
-
-    def precompute(model: nn.Module) -> Any:
-        return precompute_reference(
-            model,
-            {"train": data.train, "eval": data.eval},
-            rows_to_batch=rows_to_batch,
-            engine_kwargs=engine_kwargs,
-            cache_dir=cfg.reference.cache_dir,
-            dtype=f"{cfg.model.dtype}/{cfg.optim.precision}",
-            batch_size=cfg.eval.batch_size,
-            accelerator=accelerator,
-            progress=progress,
-        )
-
-    reference, note, hit = setup_reference(
+    reference = plan_reference(
         cfg.reference,
         cfg.model,
         loss_fn,
         policy,
         accelerator,
-        engine_kwargs,
-        precompute,
+        precision=cfg.optim.precision,
         seed=cfg.optim.seed,
     )
-    say(f"reference: {note}")
     if cfg.model.lora is not None:
         policy = apply_lora(policy, cfg.model.lora)
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(policy)
-    if isinstance(reference, LazyAdapter):
-        reference = reference.bind(policy, engine_kwargs, accelerator.autocast)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     say(
         f"model: {cfg.model.name_or_path} ({type(hf_model(policy)).__name__}), "
         f"{sum(p.numel() for p in policy.parameters()):,} parameters, "
         f"{sum(p.numel() for p in trainable):,} trainable"
     )
-    return policy, reference, hit
+    return policy, reference
+
+
+def build_reference(
+    cfg: TrainConfig,
+    loss_fn: Loss,
+    plan: ReferencePlan,
+    accelerator: Any,
+    wrapped: nn.Module,
+    data: PreferenceData,
+    progress: bool,
+) -> tuple[Any, str, bool | None]:
+    """(reference, a line for the console, cache hit or None), made after the policy is
+    prepared, so that it runs through a module sharded like the policy."""
+
+    # the reference's forward gives the per-token values the loss asks of it (LD-DPO)
+    engine_kwargs = {**cfg.engine.kwargs(), "statistics": loss_fn.reference_token_statistics}
+
+    def precompute(logps: Any, plan: ReferencePlan) -> Any:
+        return precompute_reference(
+            logps,
+            plan.fingerprint,
+            {"train": data.train, "eval": data.eval},
+            rows_to_batch=rows_to_batch,
+            cache_dir=cfg.reference.cache_dir,
+            dtype=f"{cfg.model.dtype}/{cfg.optim.precision}",
+            half=plan.half,
+            batch_size=cfg.eval.batch_size,
+            accelerator=accelerator,
+            statistics=loss_fn.reference_token_statistics,
+            progress=progress,
+        )
+
+    return make_reference(
+        plan, wrapped, accelerator, engine_kwargs, precompute, lora=cfg.model.lora is not None
+    )
 
 
 def prepare(
@@ -303,7 +338,7 @@ def prepare(
     total_steps = cfg.optim.max_steps or plan.steps_for_epochs(cfg.optim.epochs)
     optimizer = build_optimizer(policy, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.optim, total_steps))
-    _prepare_deepspeed_batch_size(accelerator, cfg.optim)
+    configure_deepspeed(accelerator, cfg.optim)
     policy_kwargs = {**cfg.engine.kwargs(), "statistics": loss_fn.token_statistics}
     wrapped, optimizer = accelerator.prepare(PolicyLogps(policy, policy_kwargs), optimizer)
     accelerator.register_for_checkpointing(scheduler, loss_fn)
@@ -351,16 +386,6 @@ def _fresh_accelerate_state() -> None:
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-
-
-def _prepare_deepspeed_batch_size(accelerator: Any, cfg: OptimConfig) -> None:
-    """DeepSpeed insists on a micro-batch size; accelerate takes it from a dataloader we don't use."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is None:
-        return
-    config = plugin.deepspeed_config
-    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-        config["train_micro_batch_size_per_gpu"] = cfg.batch_size or 1
 
 
 def _indent(text: str) -> str:

@@ -37,11 +37,13 @@ from pairopt.training.run_log import (
     MetricsWindow,
     add_metric,
     any_process,
+    fail_together,
     global_means,
     progress_bar,
     trackers,
 )
 from pairopt.training.setup import Run
+from pairopt.training.sharding import unwrap
 
 
 def train_step(run: Run, step: int, epoch: int, micro_batches: list[list[int]]) -> dict[str, float]:
@@ -110,14 +112,22 @@ def micro_batch(
     """Forward, loss and backward of one micro-batch; its metric sums are added to `sums`.
 
     The policy computes every response of the batch's groups once (flat); the loss receives
-    them in the form its kind asks for (pairs indexed out of them, or padded lists)."""
-    policy_logps = run.wrapped(Groups(batch.groups))
+    them in the form its kind asks for (pairs indexed out of them, or padded lists). The
+    reference runs first, so no other forward comes between the policy's and its backward
+    (FSDP2 and ZeRO-3 gather and release parameters around each). A loss that fails its checks
+    on any process fails on every process, before the backward (a collective under DDP, FSDP
+    and DeepSpeed) that the others would wait in for ever."""
     ref = (
         run.reference.logps(batch, indices, "train").to(run.accelerator.device)
         if run.reference is not None
         else None
     )
-    out = apply_loss(run.loss_fn, batch, policy_logps, ref)
+    policy_logps = run.wrapped(Groups(batch.groups))
+    try:
+        out = apply_loss(run.loss_fn, batch, policy_logps, ref)
+    except PairoptError as err:
+        fail_together(run.accelerator, err)
+    fail_together(run.accelerator, None)
     run.accelerator.backward(out.losses.sum() * scale)
     add_metric(sums, "loss", out.losses.detach().sum())
     for key, value in out.metrics.items():
@@ -195,7 +205,7 @@ def after_step(
     cfg = run.cfg
     sync = cfg.reference.sync_steps
     if sync is not None and run.reference is not None and done % sync == 0:
-        policy = run.accelerator.unwrap_model(run.wrapped).model
+        policy = unwrap(run.wrapped).model
         run.reference.sync(policy, cfg.reference.sync_alpha)
     last = done == run.total_steps
     if not last and (

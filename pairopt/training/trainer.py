@@ -29,6 +29,7 @@ from pairopt.training.checkpoint import (
 from pairopt.training.config import TrainConfig
 from pairopt.training.config_load import load_config
 from pairopt.training.flags import help_text, parse_train_args
+from pairopt.training.policy import apply_lora, load_model
 from pairopt.training.preemption import (
     RunStopped,
     StopNow,
@@ -39,6 +40,7 @@ from pairopt.training.run_log import (
     quiet_libraries,
 )
 from pairopt.training.setup import setup
+from pairopt.training.sharding import built_whole
 from pairopt.training.steps import run_steps
 
 
@@ -58,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def whole_policy(cfg: TrainConfig, accelerator: Any) -> nn.Module:
+    """A fresh, unsharded policy with the run's LoRA layers (the weights are loaded over it):
+    what save_final merges the adapter into under FSDP2 and ZeRO-3, on the main process."""
+    with built_whole(accelerator):
+        policy = load_model(cfg.model, seed=cfg.optim.seed)
+        return apply_lora(policy, cfg.model.lora) if cfg.model.lora is not None else policy
+
+
 @dataclasses.dataclass
 class TrainResult:
     """What a run leaves behind, for scripts and tests (the files are in `output_dir`)."""
@@ -69,7 +79,9 @@ class TrainResult:
     wall_s: float
     train_pairs_per_s: float
     reference_cache_hit: bool | None  # None unless reference.strategy resolved to precompute
-    policy: nn.Module  # the trained transformers model (merged, with LoRA and merge_lora)
+    # the trained transformers model (merged, with LoRA and merge_lora); under FSDP2 and ZeRO-3
+    # each process's own shards (load output_dir for the whole model)
+    policy: nn.Module
 
     @property
     def final_eval(self) -> dict[str, float] | None:
@@ -95,6 +107,7 @@ def train(config: TrainConfig | dict[str, Any] | str | Path, *, quiet: bool = Fa
             cfg.output,
             run.output,
             lora=cfg.model.lora is not None,
+            rebuild=lambda: whole_policy(cfg, run.accelerator),
         )
     wall_s = time.perf_counter() - started
     steps = run.total_steps - run.start_step
