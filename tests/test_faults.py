@@ -423,6 +423,25 @@ def test_resuming_with_fewer_steps_than_the_checkpoint_is_refused(
     assert not (run_copy / LOCK_NAME).exists()
 
 
+def test_resuming_under_another_launch_is_refused(run_copy: Path, capsys) -> None:
+    """A checkpoint records its launch (processes, sharding): resumed by one process, a
+    checkpoint written by two ZeRO-3 processes is refused before any model loads, naming both
+    launches and what to do (its optimiser state is split, its batches were dealt to two)."""
+    from pairopt.cli import main as cli
+    from pairopt.training.checkpoint import _sealed
+
+    state_file = run_copy / "checkpoints" / "step-000004" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["launch"] == {"processes": 1, "sharding": "none"}
+    state["launch"] = {"processes": 2, "sharding": "zero3"}
+    state_file.write_text(json.dumps(_sealed(state)))
+    code = cli(["train", "--resume", str(run_copy)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "Traceback" not in err
+    assert "step-000004: it was written by 2 processes under zero3 and this run is 1 process" in err
+    assert "Launch it as before" in err
+
+
 # ------------------------------------------------------------------------ the lock
 
 

@@ -94,7 +94,9 @@ def test_fsdp2_and_zero3_engine_equal_the_whole_model(engine: str, tmp_path: Pat
     The LM head runs in chunks of the configured size (4 rows; the frozen copy at the default
     size, 6 rows under a patched logits budget), seen in the head's own forward. It is gathered
     once for the forward and once for the backward however many chunks there are: FSDP2 makes
-    the same all-gathers with one chunk as with 7 (5: the root group once, each layer twice);
+    the same all-gathers with one chunk as with 7 (5: the root group once, each layer twice;
+    the head is in the root group there, gathered by the root's forward however it is called,
+    so only the ZeRO-3 count below would change if the head ran once per chunk);
     ZeRO-3 fetches the head's weight twice in the first step and once in the next ones
     (DeepSpeed keeps it from the forward to the backward once it has traced a step). Under both
     the copy reference holds about half of the weights on each process."""
@@ -220,7 +222,9 @@ def saved_models_match(out: Path, one_process: dict[str, Any], model_dir: Path) 
         ),
     }
     saved = weights(out / "copy/model.safetensors")
-    loaded = AutoModelForCausalLM.from_pretrained(out / "copy").state_dict()
+    model, info = AutoModelForCausalLM.from_pretrained(out / "copy", output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    loaded = model.state_dict()
     assert close({key: loaded[key] for key in saved}, saved) == 0.0
     initial = load_model(sharded_runs(model_dir, out)["lora"].model, seed=0)  # the run's seed
     merged = PeftModel.from_pretrained(initial, out / "lora/adapter").merge_and_unload()

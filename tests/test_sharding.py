@@ -5,6 +5,7 @@ pairopt's own, and the pieces of the trainer that must agree across processes.""
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +15,15 @@ from accelerate.utils import DistributedType
 from pairopt.errors import PairoptError
 from pairopt.training.config import OptimConfig
 from pairopt.training.run_log import fail_together
-from pairopt.training.sharding import check_sharding, configure_deepspeed, sharding_of
+from pairopt.training.sharding import (
+    _layer_classes_of,
+    check_lora_head,
+    check_sharding,
+    configure_deepspeed,
+    describe_launch,
+    launch_of,
+    sharding_of,
+)
 
 
 def fake(kind: DistributedType, processes: int = 2, **state) -> SimpleNamespace:
@@ -105,7 +114,8 @@ def test_fail_together_raises_one_error_or_returns():
 def test_compute_tables_runs_the_same_batches_on_every_process(monkeypatch):
     """5 groups on 2 processes in batches of 2: process 0 takes rows 0, 2, 4 and process 1 rows
     1, 3 and row 0 again as padding (dropped), so both run 2 forwards, a collective under FSDP
-    and ZeRO-3; the gathered table holds each row once, in order."""
+    and ZeRO-3; each process's share holds its rows once, in order, the padding dropped.
+    (gather_object is the identity here: the gathering itself runs in tests/test_sharded.py.)"""
     import accelerate.utils
 
     from pairopt.pairs import GroupLogps, offsets_of
@@ -143,3 +153,53 @@ def test_compute_tables_runs_the_same_batches_on_every_process(monkeypatch):
         shares.append(tables["train"].logps.tolist())
         assert len(batches) - calls_before == 2
     assert shares == [[0.0, 20.0, 40.0], [10.0, 30.0]]
+
+
+def test_a_lora_adapter_on_the_lm_head_is_refused_under_zero3_only():
+    """Its base layer would run (and be gathered by ZeRO-3) once per logits chunk."""
+    from peft import LoraConfig, get_peft_model
+    from tiny_models import make_model
+
+    def lora(targets):  # on a copy: make_model's models are shared by the tests of a process
+        model = copy.deepcopy(make_model("llama"))
+        return get_peft_model(model, LoraConfig(r=2, target_modules=targets))
+
+    on_head, all_linear = lora(["q_proj", "lm_head"]), lora("all-linear")
+    with pytest.raises(PairoptError, match=r"adapter on the LM head.*leave the output layer out"):
+        check_lora_head(on_head, "zero3")
+    for kind in (None, "fsdp2", "zero2"):
+        check_lora_head(on_head, kind)
+    check_lora_head(all_linear, "zero3")
+
+
+def test_a_reference_of_another_architecture_gets_its_own_fsdp2_layer_groups():
+    """Preparing the policy leaves its decoder layer class in the plugin; accelerate's wrap
+    policy refuses a module without it. While the frozen module is sharded its own layer
+    classes are used, and the plugin's are put back after."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from tiny_models import make_model
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    from pairopt.training.policy import PolicyLogps
+
+    plugin = SimpleNamespace(auto_wrap_policy=transformer_auto_wrap_policy,
+                             transformer_cls_names_to_wrap=["LlamaDecoderLayer"])  # fmt: skip
+    other = PolicyLogps(make_model("qwen2"), {})
+    with pytest.raises(ValueError, match="LlamaDecoderLayer"):
+        fsdp2_prepare_auto_wrap_policy(plugin, other)
+    with _layer_classes_of(plugin, other):
+        wrap = fsdp2_prepare_auto_wrap_policy(plugin, other)
+    layers = [m for m in other.modules() if wrap(m)]
+    assert layers and {type(m).__name__ for m in layers} == {"Qwen2DecoderLayer"}
+    assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
+    same = PolicyLogps(make_model("llama"), {})  # the policy's own architecture: unchanged
+    with _layer_classes_of(plugin, same):
+        assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
+
+
+def test_the_launch_a_checkpoint_records():
+    assert launch_of(fake(DistributedType.NO, 1)) == {"processes": 1, "sharding": "none"}
+    assert launch_of(deepspeed(3, 8)) == {"processes": 8, "sharding": "zero3"}
+    said = [describe_launch(launch_of(a)) for a in (fake(DistributedType.NO, 1),
+            fake(DistributedType.MULTI_GPU, 4), deepspeed(3, 8))]  # fmt: skip
+    assert said == ["1 process", "4 processes (DDP)", "8 processes under zero3"]

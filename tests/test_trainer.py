@@ -186,6 +186,27 @@ def test_precomputed_reference_matches_live_and_is_cached(model_dir: Path, tmp_p
     assert other.reference_cache_hit is False
 
 
+def test_precompute_of_another_reference_model_keeps_only_its_numbers(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """reference.name_or_path with precompute: the named model (here the same weights, loaded
+    again) runs the pass and is then let go: the same numbers as the policy's own initial
+    weights, and no second model in the checkpoints (accelerate's save_state writes every
+    model it prepared: model_1.safetensors)."""
+
+    def run(name: str, **reference: str) -> TrainResult:
+        reference = {"strategy": "precompute", "cache_dir": str(tmp_path / name / "cache"),
+                     **reference}  # fmt: skip
+        return train(tiny_config(model_dir, tmp_path / name, reference=reference,
+                                 checkpoint={"every": 2}))  # fmt: skip
+
+    own = run("own")
+    other = run("other", name_or_path=str(model_dir))
+    torch.testing.assert_close(losses_of(other), losses_of(own), rtol=0, atol=0)
+    saved = sorted(path.name for path in (tmp_path / "other/checkpoints/step-000002").iterdir())
+    assert "model.safetensors" in saved and not [n for n in saved if n.startswith("model_")]
+
+
 def test_reference_free_loss_has_no_reference(model_dir: Path, tmp_path: Path) -> None:
     result = train(
         tiny_config(

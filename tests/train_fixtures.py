@@ -89,7 +89,8 @@ def sharded_runs(
         "precompute_hit": tiny_config(
             model_dir,
             out / "precompute_hit",
-            optim={"max_steps": 1, "grad_accum": grad_accum},
+            # with accumulation: the example DeepSpeed configs leave it to optim.grad_accum
+            optim={"max_steps": 1, "grad_accum": 2 * grad_accum},
             reference=precompute,
         ),
         "lora": merged(tiny_config(model_dir, out / "lora", **common, model=lora)),

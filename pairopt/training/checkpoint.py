@@ -36,7 +36,13 @@ from pairopt.training.files import (
 )
 from pairopt.training.preemption import resume_command
 from pairopt.training.run_log import any_process
-from pairopt.training.sharding import full_numel, partitions_parameters, unwrap
+from pairopt.training.sharding import (
+    describe_launch,
+    full_numel,
+    launch_of,
+    partitions_parameters,
+    unwrap,
+)
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"step-(\d+)(\.old)?")
@@ -66,8 +72,9 @@ def save_checkpoint(
     need_bytes: int = 0,
 ) -> Path:
     """accelerate.save_state (model, optimiser, RNG, scheduler, loss state) + trainer_state.json
-    with the step, the training data's fingerprint, the run's `settings` (TrainConfig.flat())
-    and the checksums of the files; returns the checkpoint's directory.
+    with the step, the training data's fingerprint, the run's `settings` (TrainConfig.flat()),
+    the launch (sharding.launch_of: processes and sharding) and the checksums of the files;
+    returns the checkpoint's directory.
 
     Written into `step-NNNNNN.tmp` and renamed into place (files.publish_directory), after a
     check that the disk has room for `need_bytes` (the model and optimiser state). A failure on
@@ -88,6 +95,7 @@ def save_checkpoint(
 
     def finish() -> None:
         state = {"step": step, "train_fingerprint": train_fp, "config": settings}
+        state["launch"] = launch_of(accelerator)
         state["files"] = checksums(tmp)
         atomic_write(tmp / STATE_FILE, json.dumps(_sealed(state), indent=1))
         publish_directory(tmp, directory)
@@ -301,12 +309,24 @@ def changed_settings(state: dict[str, Any], now: dict[str, Any]) -> list[str]:
     ]
 
 
-def check_resumable(checkpoint: Path, train_fp: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint's trainer_state.json, once its training data is known to be this run's.
+def check_resumable(
+    checkpoint: Path, train_fp: str, settings: dict[str, Any], launch: dict[str, Any]
+) -> dict[str, Any]:
+    """The checkpoint's trainer_state.json, once its training data is known to be this run's
+    and its launch (`launch`: sharding.launch_of) this one's.
 
     Checked right after the data is tokenised: before any model loads or file is written.
     """
     state = read_state(checkpoint)
+    saved = state.get("launch")  # absent in checkpoints of pairopt before it was recorded
+    if saved is not None and saved != launch:
+        raise PairoptError(
+            f"cannot resume from {checkpoint}: it was written by {describe_launch(saved)} and "
+            f"this run is {describe_launch(launch)}. A checkpoint resumes only under the launch "
+            "that wrote it: its optimiser state is split that way, and which batches each "
+            "process takes depends on the number of processes. Launch it as before (the same "
+            "number of processes and accelerate config), or start a new run."
+        )
     if state["train_fingerprint"] != train_fp:
         data_changes = [c for c in changed_settings(state, settings) if c.startswith("data.")]
         said = f" Data settings changed: {'; '.join(data_changes)}." if data_changes else ""

@@ -53,7 +53,7 @@ from pairopt.training.reference_cache import (
     write_cache,
 )
 from pairopt.training.run_log import any_process
-from pairopt.training.sharding import shard_frozen, unwrap
+from pairopt.training.sharding import release_frozen, shard_frozen, unwrap
 
 
 class Reference(Protocol):
@@ -200,6 +200,7 @@ def make_reference(
     autocast, statistics = accelerator.autocast, engine_kwargs.get("statistics", ())
     if plan.strategy == "adapter":
         return LiveReference(wrapped, autocast, base=True, statistics=statistics), plan.note, None
+    module = None
     if plan.model is not None:
         module = shard_frozen(PolicyLogps(plan.model, engine_kwargs), accelerator)
         live = LiveReference(module, autocast, statistics=statistics)
@@ -208,6 +209,9 @@ def make_reference(
     if plan.strategy == "copy":
         return live, plan.note, None
     table = precompute(lambda batch: live.logps(batch, [], ""), plan)
+    if module is not None:  # another reference model: only its numbers are kept
+        release_frozen(module, accelerator)
+        plan.model = None
     verb = "read from cache" if table.hit else "computed and cached"
     return table, f"{plan.note}, {verb} ({table.path})", table.hit
 

@@ -70,9 +70,11 @@ from pairopt.training.schedule import (
 )
 from pairopt.training.sharding import (
     built_whole,
+    check_lora_head,
     check_sharding,
     configure_deepspeed,
     full_numel,
+    launch_of,
     sharding_of,
 )
 
@@ -154,7 +156,11 @@ def setup(
         cfg.engine.max_tokens_per_row,
     )
     train_fp = dataset_fingerprint(data.train)
-    resume_state = check_resumable(resume_from, train_fp, cfg.flat()) if resume_from else None
+    resume_state = (
+        check_resumable(resume_from, train_fp, cfg.flat(), launch_of(accelerator))
+        if resume_from
+        else None
+    )
     loss_fn = build_loss(cfg.loss.name, **cfg.loss.params).to(accelerator.device)
     with built_whole(accelerator):
         policy, reference_plan = build_models(cfg, loss_fn, accelerator, say)
@@ -277,6 +283,7 @@ def build_models(
     )
     if cfg.model.lora is not None:
         policy = apply_lora(policy, cfg.model.lora)
+        check_lora_head(policy, sharding_of(accelerator))
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(policy)
     trainable = [p for p in policy.parameters() if p.requires_grad]

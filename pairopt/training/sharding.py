@@ -51,6 +51,24 @@ def partitions_parameters(accelerator: Any) -> bool:
     return kind is not None and (kind.startswith("fsdp") or kind == "zero3")
 
 
+def launch_of(accelerator: Any) -> dict[str, Any]:
+    """What a checkpoint's optimiser state and batch plan depend on: the number of processes
+    and the sharding ('none' for one process or DDP). A checkpoint records it; a resume under
+    another launch is refused (checkpoint.check_resumable)."""
+    return {
+        "processes": int(accelerator.num_processes),
+        "sharding": sharding_of(accelerator) or "none",
+    }
+
+
+def describe_launch(launch: dict[str, Any]) -> str:
+    """'1 process', '4 processes (DDP)', '8 processes under zero3'."""
+    n, kind = launch["processes"], launch["sharding"]
+    if n == 1 and kind == "none":
+        return "1 process"
+    return f"{n} processes " + ("(DDP)" if kind == "none" else f"under {kind}")
+
+
 def deepspeed_config(accelerator: Any) -> dict[str, Any]:
     """The DeepSpeed config accelerate will pass to deepspeed.initialize (filled in by prepare)."""
     return accelerator.state.deepspeed_plugin.deepspeed_config
@@ -100,8 +118,8 @@ def check_sharding(accelerator: Any, *, optimizer: str, tr_dpo: bool) -> None:
             "built partitioned), but pairopt copies the reference and fingerprints the weights "
             "from the whole model before sharding: set zero3_init_flag: false "
             "(examples/accelerate_deepspeed_zero3.yaml). Each process then loads the whole "
-            "model into CPU memory once, and ZeRO-3 partitions it when training starts "
-            "(built_whole)."
+            "model into CPU memory (twice with a copy reference), and ZeRO-3 partitions it "
+            "when training starts (built_whole)."
         )
 
 
@@ -188,7 +206,8 @@ def shard_frozen(module: nn.Module, accelerator: Any) -> nn.Module:
     if kind == "fsdp2":
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-        placed = fsdp2_prepare_model(accelerator, module)
+        with _layer_classes_of(accelerator.state.fsdp_plugin, module):
+            placed = fsdp2_prepare_model(accelerator, module)
         # FSDP2 keeps the root group (embeddings, final norm, LM head) whole from a forward to
         # its backward; a frozen module has no backward, so it would keep them whole for good
         placed.set_reshard_after_forward(True, recurse=False)
@@ -205,6 +224,50 @@ def shard_frozen(module: nn.Module, accelerator: Any) -> nn.Module:
         placed = accelerator.prepare_model(module, evaluation_mode=True)
     placed.eval()  # (DeepSpeedEngine.eval returns None, not the engine)
     return placed
+
+
+@contextlib.contextmanager
+def _layer_classes_of(plugin: Any, module: nn.Module) -> Iterator[None]:
+    """FSDP2's per-layer groups for `module`: preparing the policy wrote the policy's decoder
+    layer classes into the plugin (accelerate's set_auto_wrap_policy), and accelerate refuses a
+    module that has none of them ("Could not find the transformer layer class ..."): a
+    reference of another architecture (reference.name_or_path). Its own `_no_split_modules`
+    are used while it is sharded, then the plugin's names are put back."""
+    names = getattr(plugin, "transformer_cls_names_to_wrap", None)
+    present = {type(m).__name__ for m in module.modules()}
+    if names is None or all(name in present for name in names):
+        yield
+        return
+    plugin.transformer_cls_names_to_wrap = list(getattr(module, "_no_split_modules", None) or [])
+    try:
+        yield
+    finally:
+        plugin.transformer_cls_names_to_wrap = names
+
+
+def release_frozen(module: nn.Module, accelerator: Any) -> None:
+    """Forget a frozen module `shard_frozen` placed, once it is no longer used (the reference
+    model of a precompute pass): accelerate's prepare_model keeps every model it prepares for
+    its checkpoints (save_state would write it into each one, and keep it on the device)."""
+    models = getattr(accelerator, "_models", [])
+    for index, prepared in enumerate(models):
+        if prepared is module:
+            del models[index]
+            return
+
+
+def check_lora_head(model: nn.Module, kind: str | None) -> None:
+    """Under ZeRO-3 a LoRA adapter on the LM head would call the head's base layer once per
+    chunk, each call a gather of its weight: a different number of collectives on processes
+    with different numbers of scored tokens, which hangs. `model` is the policy after LoRA."""
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    if kind == "zero3" and head is not None and hasattr(head, "base_layer"):
+        raise PairoptError(
+            "model.lora.target_modules puts a LoRA adapter on the LM head, which pairopt does "
+            "not run under DeepSpeed ZeRO-3 (the head's weight would be gathered once per "
+            "logits chunk, differently often on each process): leave the output layer out of "
+            'target_modules ("all-linear" already does), or train under FSDP2.'
+        )
 
 
 def full_numel(param: Any) -> int:
