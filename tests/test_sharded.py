@@ -23,10 +23,14 @@ lowest-versions rerun in .ci/run skips them; accelerate < 1.6 has no FSDP2).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +72,21 @@ def launch(engine: str, *args: str, timeout: int = 300) -> subprocess.CompletedP
         str(TESTS / "sharded_worker.py"), *args,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS), "DS_ACCELERATOR": "cpu"}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    with one_launch_at_a_time():
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def one_launch_at_a_time() -> Iterator[None]:
+    """Across pytest-xdist workers: two launches at once would put four processes on this
+    machine's two cores and let two launchers pick their rendezvous port at the same time
+    (--main_process_port 0: a free port is chosen, then bound later)."""
+    with open(Path(tempfile.gettempdir()) / "pairopt-sharded-launch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def failed(done: subprocess.CompletedProcess[str]) -> str:
