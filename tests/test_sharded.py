@@ -42,7 +42,9 @@ from train_fixtures import make_tiny_model_dir, sharded_runs
 from pairopt.training.policy import load_model
 from pairopt.training.trainer import train
 
-pytestmark = [pytest.mark.sharded, pytest.mark.slow]
+# one xdist worker runs them all, one after another (pyproject's --dist loadgroup), while the
+# other runs the rest of the suite: each launch needs both cores
+pytestmark = [pytest.mark.sharded, pytest.mark.slow, pytest.mark.xdist_group("sharded")]
 
 TESTS = Path(__file__).parent
 CONFIGS = {
