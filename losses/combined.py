@@ -81,9 +81,16 @@ class Combined(PairLoss):
             # Check every term's name and parameters now, so a bad term fails before any model loads.
             for index, term in enumerate(terms):
                 try:
-                    validate_params(get_loss_class(term.name), term.params)
+                    loss_class = get_loss_class(term.name)
+                    validate_params(loss_class, term.params)
                 except PairoptError as err:
                     raise ValueError(f"term {index} ({term.name!r}): {err}") from None
+                if loss_class.kind != "pair":
+                    raise ValueError(
+                        f"term {index} ({term.name!r}) is a {loss_class.kind}wise loss; combined "
+                        "adds pair losses only (each term gets the pairs' log-probs): use "
+                        f"--loss {term.name} on its own, or a pair loss as this term"
+                    )
             return terms
 
     config: Config

@@ -49,6 +49,8 @@ class RPO(ReferencePairLoss):
     Deviations: TRL's NLL term is the cross-entropy averaged over all chosen tokens of the batch
     (token-weighted); here it is each pair's per-token average, averaged over pairs
     (pair-weighted), which is the paper's length-normalised NLL and keeps the loss per pair.
+    With `ld_alpha` the NLL term averages the length-desensitised sum of the chosen response
+    (every sum the loss sees is that one); TRL's NLL term uses the plain per-token log-probs.
     """
 
     summary = "RPO: DPO plus α × per-token NLL on the chosen response"

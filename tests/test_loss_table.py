@@ -74,11 +74,11 @@ def test_through_the_cli_dispatcher(capsys):
 
 
 def test_docs_losses_md_is_the_rendered_registry():
-    """Regenerate with: python -m pairopt.loss_table --markdown > docs/losses.md"""
+    """Regenerate with: python -m pairopt.loss.table --markdown > docs/losses.md"""
     expected = loss_table.render_markdown()
     actual = (ROOT / "docs" / "losses.md").read_text()
     assert actual == expected, (
-        "docs/losses.md is stale: python -m pairopt.loss_table --markdown > docs/losses.md"
+        "docs/losses.md is stale: python -m pairopt.loss.table --markdown > docs/losses.md"
     )
 
 

@@ -279,6 +279,20 @@ def test_combined_needs_a_reference_only_if_a_term_does():
     close(float(free(logps([-4.0], [-3.0], [4], [2])).losses), 0.474077 + 0.1 * 1.0)
 
 
+def test_combined_refuses_a_listwise_term_before_any_model_loads():
+    with pytest.raises(PairoptError, match="listwise loss; combined adds pair losses only"):
+        build_loss("combined", terms=[{"name": "dpo"}, {"name": "plackett_luce"}])
+
+
+def test_per_token_values_a_loss_declared_must_come_with_the_logps():
+    """LD-DPO and WPO need per-token values; log-probs computed without them (the Python API
+    without `statistics=`) are one error saying how to compute them, not a KeyError."""
+    summed = logps([-4.0], [-3.0], [4], [2])  # summed log-probs only
+    for params in ({"ld_alpha": 0.5}, {"use_weighting": True}):
+        with pytest.raises(PairoptError, match=r"statistics=loss\.token_statistics"):
+            build_loss("dpo", **params)(summed, summed)
+
+
 def test_combined_normalises_each_term_on_its_own():
     """A long chosen response changes sft's per-token average, not dpo's sum: the combination is
     exactly w_dpo·dpo + w_sft·sft per pair, whatever the token counts."""

@@ -418,6 +418,21 @@ def test_logged_records_average_their_window(model_dir: Path, tmp_path: Path) ->
     assert records[0]["lr"] != records[1]["lr"]  # warm-up then decay: the last step's rate
 
 
+def test_a_logging_window_averages_over_examples_and_counts_pairs() -> None:
+    """A listwise loss's step means are over groups: a step of one group of 6 responses (15
+    pairs, loss 1.0) and one of a group of 2 (1 pair, loss 3.0) average to 2.0, not to the
+    pair-weighted 1.125; pairs/s still counts the 16 pairs."""
+    from pairopt.training.run_log import MetricsWindow
+
+    window = MetricsWindow()
+    step = {"lr": 0.1, "epoch": 0.0, "grad_norm": 1.0, "tokens_per_s": 100.0, "step_s": 2.0}
+    window.add({**step, "loss": 1.0}, 1, 15)
+    window.add({**step, "loss": 3.0, "lr": 0.2}, 1, 1)
+    record = window.flush()
+    assert record["loss"] == 2.0 and record["lr"] == 0.2
+    assert record["pairs_per_s"] == 16 / 4.0 and record["window_steps"] == 2.0
+
+
 def test_evaluation_and_checkpoints_every_epoch(model_dir: Path, tmp_path: Path) -> None:
     """48 pairs in steps of 4: 12 steps an epoch; two epochs evaluate after step 12 and at the
     end (24), and checkpoint after both."""
@@ -472,13 +487,23 @@ def test_tr_dpo_needs_a_live_reference(tmp_path: Path) -> None:
         validate_config(
             {"loss": {"name": "dpo"}, "reference": {"strategy": "precompute", "sync_steps": 8}}
         )
+    with pytest.raises(PairoptError, match=r"train without model\.lora"):
+        validate_config(
+            {
+                "loss": {"name": "dpo"},
+                "model": {"lora": {"r": 4}},
+                "reference": {"strategy": "copy", "sync_steps": 8},
+            }
+        )
 
 
 def test_dpo_with_reverse_kl_is_plain_dpo_over_20_steps(
     model_dir: Path, tmp_path: Path, registry
 ) -> None:
-    """The f-divergence path with reverse_kl against DPO written out by hand in a plain PairLoss
-    (no LogRatios, no divergence code): the same 20-step trajectory, to the last bit."""
+    """`dpo` with f_divergence reverse_kl (the default: LogRatios gives the plain log-ratio
+    margin, the divergence scores are not evaluated) against DPO written out by hand in a plain
+    PairLoss (no LogRatios, no divergence code): the same 20-step trajectory, to the last bit.
+    The other divergences are checked by value and gradient in tests/test_losses.py."""
     import torch.nn.functional as F
 
     from pairopt.loss import LossConfig, LossOutput, PairLoss, register_loss, reward_metrics

@@ -148,10 +148,14 @@ class PairLoss(Loss):
         lose too much in bf16 (sums reach -1e3 and bf16 keeps ~3 significant digits).
         """
         _check_logps(policy, "policy")
+        _check_statistics(self, policy.token_values, self.token_statistics, "policy")
         if self.requires_reference:
             if reference is None:
                 raise missing_reference(self)
             _check_logps(reference, "reference")
+            _check_statistics(
+                self, reference.token_values, self.reference_token_statistics, "reference"
+            )
             if len(reference) != len(policy):
                 raise ValueError(
                     f"policy has {len(policy)} pairs but reference has {len(reference)}"
@@ -216,6 +220,18 @@ def check_output(
                 f"the log-probs given to loss {name!r} are not finite, so the weights have diverged"
             )
         raise PairoptError(f"the loss is {first} (not finite): {why}.")
+
+
+def _check_statistics(loss: Loss, given: dict[str, Any], wanted: frozenset[str], what: str) -> None:
+    """The per-token values a loss declared (LD-DPO, WPO) came with its log-probs."""
+    missing = sorted(wanted - set(given))
+    if missing:
+        attribute = "token_statistics" if what == "policy" else "reference_token_statistics"
+        raise PairoptError(
+            f"loss {loss.name or type(loss).__name__!r} needs the per-token {missing} of the "
+            f"{what}'s forward, which its log-probs do not carry: compute them with "
+            f"compute_logps(..., statistics=loss.{attribute}) (the trainer does this itself)."
+        )
 
 
 def _check_logps(logps: PairLogps, what: str) -> None:

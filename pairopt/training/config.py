@@ -434,6 +434,12 @@ class TrainConfig(BaseModel):
                     "stale, a disabled adapter is the base model): set reference.strategy copy, "
                     "or drop reference.sync_steps"
                 )
+            if self.model.lora is not None:
+                raise ValueError(
+                    "reference.sync_steps (TR-DPO) mixes the policy's weights into the "
+                    "reference's by name, and a LoRA policy's trainable weights are its adapter, "
+                    "not the model's: train without model.lora, or drop reference.sync_steps"
+                )
         if self.reference.strategy == "adapter" and self.reference.name_or_path is not None:
             raise ValueError(
                 "reference.name_or_path cannot be used with reference.strategy 'adapter'"

@@ -5,8 +5,8 @@ The engine gives every response's log-prob once, flat (`GroupLogps`, (R,)). A pa
 response in several pairs is computed once and its gradient accumulates; a listwise loss
 (`kind == "list"`) receives every response padded to (G, K) with the scores and a mask
 (`ListLogps`). Naive equivalent of the pair case: `compute_logps` on the pairs written out one
-by one, each response computed again for every pair it is in (tests/test_groups.py compares
-both, values and gradients).
+by one, each response computed again for every pair it is in (tests/test_trainer_groups.py
+compares both, values and gradients).
 """
 
 from __future__ import annotations

@@ -34,29 +34,31 @@ def global_means(
 
 class MetricsWindow:
     """The training metrics of a window of steps folded into one record (TRL's logging_steps):
-    pair-weighted means of the steps' metrics (loss, rewards/*, logps/*, ...); the last step's
+    the steps' metrics (loss, rewards/*, logps/*, ...) averaged over the window's examples (each
+    step's means are over its examples: pairs, or groups for a listwise loss); the last step's
     lr, epoch and grad_norm; tokens/s and pairs/s over the window's time; `window_steps`."""
 
     LAST = ("lr", "epoch", "grad_norm")
 
     def __init__(self) -> None:
-        self.steps: list[tuple[dict[str, float], int]] = []
+        self.steps: list[tuple[dict[str, float], int, int]] = []
 
-    def add(self, metrics: dict[str, float], pairs: int) -> None:
-        self.steps.append((metrics, pairs))
+    def add(self, metrics: dict[str, float], examples: int, pairs: int) -> None:
+        self.steps.append((metrics, examples, pairs))
 
     def flush(self) -> dict[str, float]:
         """The window's record; the window starts empty again."""
         steps, self.steps = self.steps, []
-        pairs = sum(n for _, n in steps)
-        seconds = sum(m["step_s"] for m, _ in steps)
-        tokens = sum(m["tokens_per_s"] * m["step_s"] for m, _ in steps)
+        examples = sum(n for _, n, _ in steps)
+        pairs = sum(p for _, _, p in steps)
+        seconds = sum(m["step_s"] for m, _, _ in steps)
+        tokens = sum(m["tokens_per_s"] * m["step_s"] for m, _, _ in steps)
         record: dict[str, float] = {}
         for key in steps[-1][0]:
             if key in self.LAST:
                 record[key] = steps[-1][0][key]
             elif key not in ("tokens_per_s", "pairs_per_s", "step_s"):
-                record[key] = sum(m[key] * n for m, n in steps if key in m) / pairs
+                record[key] = sum(m[key] * n for m, n, _ in steps if key in m) / examples
         record.update(
             tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
             pairs_per_s=pairs / seconds if seconds > 0 else 0.0,

@@ -176,7 +176,8 @@ def run_steps(run: Run) -> tuple[list[dict[str, float]], list[dict[str, float]],
                 history.append(metrics)
                 pairs = sum(run.pairs[i] for mb in micro_batches for i in mb)
                 pairs_done += pairs
-                window.add(metrics, pairs)
+                examples = sum(run.plan.examples[i] for mb in micro_batches for i in mb)
+                window.add(metrics, examples, pairs)
                 stopping = stop_requested(run)  # a stop also flushes the logging window
                 if stopping or done % cfg.logging.every == 0 or done == run.total_steps:
                     log.write(done, "train", window.flush(), console=True)
