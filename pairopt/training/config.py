@@ -219,7 +219,8 @@ class ReferenceConfig(BaseModel):
         gt=0,
         description="TR-DPO: every this many optimiser steps, move the reference towards the "
         "policy (TRL's sync_ref_model + ref_model_sync_steps); null = a fixed reference. Live "
-        "references only (copy), not precompute or adapter.",
+        "references only (copy), not precompute or adapter, and not with model.lora (the "
+        "mixing is by parameter name; a LoRA policy trains its adapter).",
     )
     sync_alpha: float = Field(
         default=0.6,
