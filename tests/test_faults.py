@@ -423,6 +423,28 @@ def test_resuming_with_fewer_steps_than_the_checkpoint_is_refused(
     assert not (run_copy / LOCK_NAME).exists()
 
 
+def test_a_resume_failing_before_its_first_step_puts_back_the_config_it_found(
+    model_dir: Path, run_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resume with a changed setting writes its config.yaml before loading the checkpoint;
+    failing there (here: loading the state raises) it leaves the run's config.yaml as it was,
+    so a plain --resume goes on with the settings the checkpoints were made with."""
+    import pairopt.training.setup as setup_module
+
+    saved = (run_copy / "config.yaml").read_bytes()
+    entries = sorted(p.name for p in run_copy.iterdir())
+
+    def fail(*args, **kwargs):
+        assert (run_copy / "config.yaml").read_bytes() != saved  # rewritten by then
+        raise PairoptError("the checkpoint could not be loaded")
+
+    monkeypatch.setattr(setup_module, "resume", fail)
+    with pytest.raises(PairoptError, match="could not be loaded"):
+        train(resume_config(model_dir, run_copy, lr=5e-3))
+    assert (run_copy / "config.yaml").read_bytes() == saved
+    assert sorted(p.name for p in run_copy.iterdir()) == entries
+
+
 def test_resuming_under_another_launch_is_refused(run_copy: Path, capsys) -> None:
     """A checkpoint records its launch (processes, sharding): resumed by one process, a
     checkpoint written by two ZeRO-3 processes is refused before any model loads, naming both

@@ -12,7 +12,8 @@ reused, and another host's processes cannot be checked at all.
 
 A run that fails or is stopped before its first step has nothing worth keeping, and a
 config.yaml left behind would make the same command refuse the directory ("already holds a
-run"): such a run removes what it added (the whole directory if it made it).
+run"): such a run removes what it added (the whole directory if it made it), and a resumed one
+puts back the config.yaml it found (it rewrites it with its own settings before step 1).
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class RunDirectory:
         self.checkpointed: int | None = None  # the step of the last checkpoint this run wrote
         self.created = False
         self.before: set[str] = set()
+        self.config_before: bytes | None = None  # the config.yaml a resumed run found
         self.token = uuid.uuid4().hex
         self.locked = False
 
@@ -140,6 +142,8 @@ class RunDirectory:
         except OSError as err:
             raise write_failed(self.output, err) from None
         self.before = {entry.name for entry in self.output.iterdir()}
+        with contextlib.suppress(OSError):
+            self.config_before = (self.output / "config.yaml").read_bytes()
         lock = self.output / LOCK_NAME
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
@@ -183,6 +187,10 @@ class RunDirectory:
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink()
+        config = self.output / "config.yaml"
+        with contextlib.suppress(OSError, PairoptError):
+            if self.config_before is not None and config.read_bytes() != self.config_before:
+                atomic_write(config, self.config_before)
 
     def _stop_note(self) -> str:
         """For a StopNow leaving the run: what is kept and how to go on."""
