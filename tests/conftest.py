@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -32,3 +33,21 @@ def registry():
     # gone from the registry, and the next import of it would register nothing
     for name in [m for m in sys.modules if m.startswith("pairopt_loss_module_")]:
         del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Any:
+    """The shipped tiny-llama tokenizer (the data tests)."""
+    from transformers import AutoTokenizer
+
+    from pairopt.sources import resolve_builtin
+
+    return AutoTokenizer.from_pretrained(resolve_builtin("builtin:tiny-llama"))
+
+
+@pytest.fixture
+def quiet_datasets() -> None:
+    """No datasets progress bars in the test's output (modules opt in with usefixtures)."""
+    import datasets
+
+    datasets.disable_progress_bars()

@@ -12,11 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import datasets
 import pandas as pd
 import pydantic
 import pytest
 import torch
+from data_fixtures import write_jsonl
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pairopt.data.config import DataConfig
@@ -37,19 +37,7 @@ ROWS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok() -> Any:
-    return AutoTokenizer.from_pretrained(resolve_builtin("builtin:tiny-llama"))
-
-
-@pytest.fixture(autouse=True)
-def _quiet() -> None:
-    datasets.disable_progress_bars()
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+pytestmark = pytest.mark.usefixtures("quiet_datasets")
 
 
 def load(path: Path, tok: Any, **kw: Any) -> PreferenceData:

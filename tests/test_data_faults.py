@@ -7,18 +7,15 @@ each response.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import datasets
 import pytest
-from transformers import AutoTokenizer
+from data_fixtures import write_jsonl
 
 from pairopt.data.config import DataConfig
 from pairopt.data.load import PreferenceData, load_preference_data
 from pairopt.errors import PairoptError
-from pairopt.sources import resolve_builtin
 
 GOOD = {"prompt": "Tell me about the lake.", "chosen": " The swans.", "rejected": " Nothing."}
 USER = [{"role": "user", "content": "Hi"}]
@@ -29,19 +26,7 @@ CONV = {
 }
 
 
-@pytest.fixture(scope="module")
-def tok() -> Any:
-    return AutoTokenizer.from_pretrained(resolve_builtin("builtin:tiny-llama"))
-
-
-@pytest.fixture(autouse=True)
-def _quiet() -> None:
-    datasets.disable_progress_bars()
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+pytestmark = pytest.mark.usefixtures("quiet_datasets")
 
 
 def load(path: Path, tok: Any, max_tokens: int | None = None, **kw: Any) -> PreferenceData:

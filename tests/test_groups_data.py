@@ -12,7 +12,7 @@ from typing import Any
 import datasets
 import pydantic
 import pytest
-from transformers import AutoTokenizer
+from data_fixtures import write_jsonl
 
 from pairopt.data.batch import rows_to_batch
 from pairopt.data.config import DataConfig
@@ -21,20 +21,7 @@ from pairopt.data.load import PreferenceData, load_preference_data
 from pairopt.errors import PairoptError
 from pairopt.sources import resolve_builtin
 
-
-@pytest.fixture(scope="module")
-def tok() -> Any:
-    return AutoTokenizer.from_pretrained(resolve_builtin("builtin:tiny-llama"))
-
-
-@pytest.fixture(autouse=True)
-def _quiet() -> None:
-    datasets.disable_progress_bars()
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+pytestmark = pytest.mark.usefixtures("quiet_datasets")
 
 
 def load(path: Path, tok: Any, all_responses: bool = False, **kw: Any) -> PreferenceData:
