@@ -40,6 +40,7 @@ from pairopt.training.sharding import (  # noqa: E402
     sharding_of,
     unwrap,
 )
+from pairopt.training.trainer import end_process_group  # noqa: E402
 
 RANK = int(os.environ.get("RANK", "0"))
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))
@@ -357,3 +358,4 @@ if __name__ == "__main__":
         engine(Path(paths[0]))
     else:
         {"train": train, "resume": resume}[scenario](Path(paths[0]), Path(paths[1]))
+    end_process_group()  # as `pairopt train` does: no process group left to the teardown

@@ -57,7 +57,20 @@ def main(argv: list[str] | None = None) -> int:
     except (RunStopped, StopNow) as stopped:
         print(f"pairopt train: {stopped}", file=sys.stderr)
         return stopped.exit_code
+    finally:
+        end_process_group()
     return 0
+
+
+def end_process_group() -> None:
+    """Close the launch's process group before the interpreter exits (`train` leaves it open
+    for a caller's further work). Left to the interpreter's teardown, a gloo or DeepSpeed
+    process group was seen to abort a finished run's process ("terminate called without an
+    active exception", SIGABRT), failing the launch after everything was saved."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def whole_policy(cfg: TrainConfig, accelerator: Any) -> nn.Module:
